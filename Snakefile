@@ -1,0 +1,49 @@
+# HemExp workflow: raw DICOM/NIfTI -> preprocessing -> slice shards -> multi-head VAE -> latents ->
+# conditional latent diffusion of follow-up progression -> samples, maps, metrics and the report.
+# Rules are thin: each calls one `hemexp <subcommand>`; the logic lives in the `hemexp` package.
+from snakemake.utils import min_version
+
+from hemexp.config import sampled_variants, validate_config, variants
+from hemexp.workflow import manifest_path, patients, rule_resources
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate_config(config, source="workflow config")  # every problem at once, before any job runs
+
+RESULTS = config["results_dir"]
+PATIENTS = {p.patient_id: p for p in patients(config)}
+TRAIN = sorted(pid for pid, p in PATIENTS.items() if p.split == "train")
+TEST = sorted(pid for pid, p in PATIENTS.items() if p.split == "test")
+VARIANTS = list(variants(config))
+SAMPLED = sampled_variants(config)
+MANIFEST = str(manifest_path(config))
+CONFIGFILES = " ".join(f"--configfile {f}" for f in workflow.overwrite_configfiles) or ""
+HEMEXP = "hemexp"  # the console script; rules call `{HEMEXP} <stage> --config <resolved>`
+FINAL_TARGETS = []  # each rules/*.smk appends the products that `snakemake` (rule all) must build
+
+
+def R(rule_name):
+    """Per-rule SLURM resources from config (see hemexp.workflow.rule_resources)."""
+    return rule_resources(config, rule_name)
+
+
+include: "rules/common.smk"
+include: "rules/cohort.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        lambda wildcards: FINAL_TARGETS,
+
+
+onsuccess:
+    shell(f"{HEMEXP} failures --results {RESULTS}")
+
+
+onerror:
+    shell(f"{HEMEXP} failures --results {RESULTS}")

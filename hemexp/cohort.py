@@ -1,0 +1,195 @@
+"""Cohort definitions shared by every stage: clinical variables, the expansion rule, the manifest.
+
+The manifest is the one entry point for patient data (the synthetic cohort writes one too), so its
+validation reports *every* bad row at once, naming row, patient and column: a research coordinator
+fixing a 500-row TSV should not have to rerun the workflow once per typo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class ClinicalVariable:
+    """One clinical input: its manifest column, valid range (clamped before scaling) and kind."""
+
+    name: str
+    low: float
+    high: float
+    binary: bool = False
+    description: str = ""
+
+    def scale(self, value: float) -> float:
+        """Clamp to the valid range, then map to [0, 1] (the paper's conditioning input)."""
+        clamped = min(max(float(value), self.low), self.high)
+        return (clamped - self.low) / (self.high - self.low)
+
+
+# Order matters: it is the order of the conditioning vector fed to the clinical MLP.
+CLINICAL_VARIABLES: tuple[ClinicalVariable, ...] = (
+    ClinicalVariable("onset_to_ct_h", 0.0, 24.0, description="symptom onset to baseline CT (h)"),
+    ClinicalVariable("baseline_iph_ml", 0.0, 250.0, description="baseline IPH volume (mL)"),
+    ClinicalVariable("anticoagulant", 0.0, 1.0, binary=True, description="anticoagulant use"),
+    ClinicalVariable("antiplatelet", 0.0, 1.0, binary=True, description="antiplatelet use"),
+    ClinicalVariable("age", 0.0, 100.0, description="age (years)"),
+    ClinicalVariable("gcs", 3.0, 15.0, description="Glasgow Coma Scale"),
+    ClinicalVariable("sbp", 0.0, 250.0, description="systolic blood pressure (mmHg)"),
+)
+CLINICAL_NAMES: tuple[str, ...] = tuple(v.name for v in CLINICAL_VARIABLES)
+CLINICAL_BY_NAME = {v.name: v for v in CLINICAL_VARIABLES}
+
+# Plausibility limits for *manifest validation* (wider than the clamping ranges on purpose: a GCS of
+# 2 or an onset of -1 h is a data error, an onset of 30 h is a late scan that the model clamps).
+VALID_RANGES: dict[str, tuple[float, float]] = {
+    "onset_to_ct_h": (0.0, 72.0),
+    "baseline_iph_ml": (0.0, 400.0),
+    "anticoagulant": (0.0, 1.0),
+    "antiplatelet": (0.0, 1.0),
+    "age": (0.0, 120.0),
+    "gcs": (3.0, 15.0),
+    "sbp": (40.0, 300.0),
+}
+
+EXPANSION_ABS_ML = 6.0
+EXPANSION_REL = 0.33
+
+IMAGE_COLUMNS = ("baseline_ct", "followup_ct", "baseline_iph", "baseline_ivh", "followup_iph", "followup_ivh")
+REQUIRED_COLUMNS = ("patient_id", "site", "split", *IMAGE_COLUMNS, *CLINICAL_NAMES)
+OPTIONAL_COLUMNS = ("expansion", "he_prob")
+SPLITS = ("train", "test")
+
+
+def is_expansion(baseline_ml: float, followup_ml: float) -> bool:
+    """The paper's hematoma-expansion rule: IPH growth >= 6 mL or >= 33 % relative growth.
+
+    Relative growth is undefined for an empty baseline; then only the absolute rule applies.
+    """
+    growth = followup_ml - baseline_ml
+    if growth >= EXPANSION_ABS_ML - 1e-9:
+        return True
+    return baseline_ml > 0 and growth / baseline_ml >= EXPANSION_REL - 1e-9
+
+
+def clinical_vector(row: dict | pd.Series) -> np.ndarray:
+    """Clinical variables of one patient, clamped and scaled to [0, 1] in :data:`CLINICAL_NAMES` order."""
+    return np.array([v.scale(row[v.name]) for v in CLINICAL_VARIABLES], dtype=np.float32)
+
+
+def mask_volume_ml(mask: np.ndarray, spacing_mm: tuple[float, ...]) -> float:
+    """Volume of a binary mask in mL (1 mL = 1000 mm^3)."""
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
+
+
+class ManifestError(ValueError):
+    """Every problem found in a manifest, one line each, naming row, patient and column."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"manifest {path}: {len(problems)} problem(s)\n  - " + "\n  - ".join(problems))
+
+
+def read_manifest(path: str | Path, check_files: bool = True) -> pd.DataFrame:
+    """Read and validate a manifest TSV; image paths are resolved relative to the manifest's folder.
+
+    Raises :class:`ManifestError` listing every problem at once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, [f"file not found: {path}"])
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    problems = validate_manifest_frame(df, base_dir=path.parent, check_files=check_files)
+    if problems:
+        raise ManifestError(path, problems)
+    return normalise_manifest(df, path.parent)
+
+
+def validate_manifest_frame(df: pd.DataFrame, base_dir: Path, check_files: bool = True) -> list[str]:
+    """Return one message per problem; an empty list means the manifest is usable."""
+    missing_cols = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing_cols:
+        return [f"missing column(s): {', '.join(missing_cols)}"]
+    problems: list[str] = []
+    counts = df["patient_id"].value_counts()
+    for i, row in df.iterrows():
+        where = f"row {i + 2} (patient {row['patient_id'] or '<empty>'})"  # +2: header line, 1-based
+        problems += _row_problems(row, where, base_dir, check_files, counts)
+    return problems
+
+
+def _row_problems(row: pd.Series, where: str, base_dir: Path, check_files: bool, counts: pd.Series) -> list[str]:
+    out: list[str] = []
+    pid = row["patient_id"].strip()
+    if not pid:
+        out.append(f"{where}, column patient_id: empty")
+    elif counts[row["patient_id"]] > 1:
+        out.append(f"{where}, column patient_id: duplicate ID {pid!r}")
+    elif not all(c.isalnum() or c in "-_" for c in pid):
+        out.append(f"{where}, column patient_id: {pid!r} may contain only letters, digits, '-' and '_'")
+    if row["split"] not in SPLITS:
+        out.append(f"{where}, column split: {row['split']!r} is not a known split (allowed: {', '.join(SPLITS)})")
+    if not row["site"].strip():
+        out.append(f"{where}, column site: empty")
+    for col in IMAGE_COLUMNS:
+        value = row[col].strip()
+        if not value:
+            out.append(f"{where}, column {col}: missing")
+        elif check_files and not (base_dir / value).exists():
+            out.append(f"{where}, column {col}: file not found: {base_dir / value}")
+    for name in CLINICAL_NAMES:
+        out += _clinical_problems(row[name], name, where)
+    if "expansion" in row and row["expansion"].strip() not in ("", "0", "1"):
+        out.append(f"{where}, column expansion: {row['expansion']!r} must be 0, 1 or empty")
+    if "he_prob" in row and row["he_prob"].strip():
+        p = _as_float(row["he_prob"])
+        if p is None or not 0.0 <= p <= 1.0:
+            out.append(f"{where}, column he_prob: {row['he_prob']!r} must be a probability in [0, 1]")
+    return out
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _clinical_problems(text: str, name: str, where: str) -> list[str]:
+    if not str(text).strip():
+        return [f"{where}, column {name}: missing value"]
+    value = _as_float(text)
+    low, high = VALID_RANGES[name]
+    if value is None:
+        return [f"{where}, column {name}: {text!r} is not a number"]
+    if CLINICAL_BY_NAME[name].binary and value not in (0.0, 1.0):
+        return [f"{where}, column {name}: {text!r} must be 0 or 1"]
+    if not low <= value <= high:
+        return [f"{where}, column {name}: {value:g} out of range [{low:g}, {high:g}]"]
+    return []
+
+
+def normalise_manifest(df: pd.DataFrame, base_dir: Path) -> pd.DataFrame:
+    """Typed copy: clinical columns as floats, image paths absolute, optional columns present."""
+    out = df.copy()
+    out["patient_id"] = out["patient_id"].str.strip()
+    for col in IMAGE_COLUMNS:
+        out[col] = [str((base_dir / v.strip()).resolve()) for v in out[col]]
+    for name in CLINICAL_NAMES:
+        out[name] = out[name].astype(float)
+    out["expansion"] = pd.to_numeric(out["expansion"], errors="coerce") if "expansion" in out else np.nan
+    out["he_prob"] = pd.to_numeric(out["he_prob"], errors="coerce") if "he_prob" in out else np.nan
+    return out.sort_values("patient_id").reset_index(drop=True)
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a manifest TSV atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    df.to_csv(tmp, sep="\t", index=False)
+    tmp.replace(path)

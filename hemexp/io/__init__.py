@@ -1,0 +1,1 @@
+"""Image I/O: NIfTI and DICOM ingest, masks, slice shards."""

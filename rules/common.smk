@@ -1,0 +1,11 @@
+# Shared by every rules file: the resolved config that jobs read, and per-section hashes that make a
+# rule rerun exactly when the config keys it depends on change (Snakemake's `params` rerun trigger).
+from hemexp.config import config_hash
+from hemexp.workflow_config import write_resolved_config
+
+RESOLVED_CONFIG = write_resolved_config(config)
+
+
+def cfg_hash(*sections):
+    """Hash of the config sections a rule depends on; used as a `params` entry (rerun trigger)."""
+    return config_hash(config, sections)
