@@ -4,7 +4,7 @@
 from snakemake.utils import min_version
 
 from hemexp.config import sampled_variants, validate_config, variants
-from hemexp.workflow import manifest_path, patients, rule_resources
+from hemexp.workflow import manifest_path, patients
 
 min_version("9.0")
 
@@ -21,14 +21,7 @@ TEST = sorted(pid for pid, p in PATIENTS.items() if p.split == "test")
 VARIANTS = list(variants(config))
 SAMPLED = sampled_variants(config)
 MANIFEST = str(manifest_path(config))
-CONFIGFILES = " ".join(f"--configfile {f}" for f in workflow.overwrite_configfiles) or ""
-HEMEXP = "hemexp"  # the console script; rules call `{HEMEXP} <stage> --config <resolved>`
 FINAL_TARGETS = []  # each rules/*.smk appends the products that `snakemake` (rule all) must build
-
-
-def R(rule_name):
-    """Per-rule SLURM resources from config (see hemexp.workflow.rule_resources)."""
-    return rule_resources(config, rule_name)
 
 
 include: "rules/common.smk"
@@ -42,8 +35,8 @@ rule all:
 
 
 onsuccess:
-    shell(f"{HEMEXP} failures --results {RESULTS}")
+    shell(f"hemexp failures --results {RESULTS}")
 
 
 onerror:
-    shell(f"{HEMEXP} failures --results {RESULTS}")
+    shell(f"hemexp failures --results {RESULTS}")

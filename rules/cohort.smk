@@ -14,12 +14,15 @@ if config["cohort"]["source"] == "synthetic":
                    for c in ("baseline_iph", "baseline_ivh", "followup_iph", "followup_ivh")],
         params:
             cfg=cfg_hash("cohort"),
+            config=RESOLVED_CONFIG,
         resources:
             **R("synth"),
+        conda:
+            HEMEXP_ENV
         log:
             f"{RESULTS}/logs/synth.log",
         shell:
-            "{HEMEXP} synth --config {RESOLVED_CONFIG} > {log} 2>&1"
+            "hemexp synth --config {params.config} > {log} 2>&1"
 
 
 rule validate_manifest:
@@ -30,10 +33,12 @@ rule validate_manifest:
         f"{RESULTS}/cohort/manifest_check.json",
     resources:
         **R("validate_manifest"),
+    conda:
+        HEMEXP_ENV
     log:
         f"{RESULTS}/logs/validate_manifest.log",
     shell:
-        "{HEMEXP} validate-manifest {input} --out {output} > {log} 2>&1"
+        "hemexp validate-manifest {input} --out {output} > {log} 2>&1"
 
 
 rule cohort_table:
@@ -44,12 +49,16 @@ rule cohort_table:
     output:
         csv=f"{RESULTS}/cohort/table1.csv",
         md=report(f"{RESULTS}/cohort/table1.md", category="1. Cohort", caption="../report/cohort.rst"),
+    params:
+        config=RESOLVED_CONFIG,
     resources:
         **R("cohort_table"),
+    conda:
+        HEMEXP_ENV
     log:
         f"{RESULTS}/logs/cohort_table.log",
     shell:
-        "{HEMEXP} cohort-table {input.manifest} --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "hemexp cohort-table {input.manifest} --config {params.config} --csv {output.csv} --md {output.md} > {log} 2>&1"
 
 
 FINAL_TARGETS += [rules.cohort_table.output.csv, rules.cohort_table.output.md]
