@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 SNAKEMAKE_ARGS ?=
+# nnU-Net's own env (= config nnunet.venv; docs/nnunet.md)
+NNUNET_VENV := .venv-nnunet
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean nnunet-env
 
 setup: $(STAMP)
 
@@ -29,6 +31,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check hemexp tests scripts
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
+
+# nnU-Net baselines: a separate venv (its torchvision would break monai/lightning in .venv); the rules
+# also build it on first use.
+nnunet-env: $(STAMP)
+	$(BIN)/hemexp nnunet-env --venv $(NNUNET_VENV) --python $(PYTHON)
 
 clean:
 	rm -rf results .snakemake report.html

@@ -12,6 +12,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 validate_config(config, source="workflow config")  # every problem at once, before any job runs
 
 RESULTS = config["results_dir"]
@@ -26,6 +29,12 @@ FINAL_TARGETS = []  # each rules/*.smk appends the products that `snakemake` (ru
 
 include: "rules/common.smk"
 include: "rules/cohort.smk"
+include: "rules/preprocess.smk"
+include: "rules/vae.smk"
+include: "rules/diffusion.smk"
+include: "rules/sampling.smk"
+include: "rules/evaluate.smk"
+include: "rules/nnunet.smk"
 
 
 rule all:
@@ -36,6 +45,7 @@ rule all:
 
 onsuccess:
     shell(f"hemexp failures --results {RESULTS}")
+    build_report(workflow, REPORT)  # <results>/report.html after a full run (hemexp.evaluation_runner)
 
 
 onerror:

@@ -33,30 +33,53 @@ def tracking_uri(cfg: dict[str, Any]) -> str:
 
 
 def git_commit() -> str:
-    """Commit of the code that produced a run ('unknown' outside a git checkout)."""
+    """Commit of the code that produced a run, ``+dirty`` when tracked files differ from it
+    ('unknown' outside a git checkout): a run from uncommitted code must not pass for that commit."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    commit = head.stdout.strip() if head.returncode == 0 else ""
+    if not commit:
+        return "unknown"
+    return commit + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
+
+
+def dvc_hash(dvc_file: Path) -> str | None:
+    """The content hash DVC recorded for the first output of a ``.dvc`` file (``<md5>.dir`` for a folder)."""
+    import yaml
+
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    except (OSError, yaml.YAMLError):
+        return None
+    for out in outs:
+        value = out.get("md5") or out.get("etag") or out.get("checksum")
+        if value:
+            return str(value)
+    return None
 
 
 def data_version(cfg: dict[str, Any]) -> str:
-    """Version of the input data: the DVC hash of the raw data when tracked, else a manifest hash."""
+    """Version of the input data: ``dvc:<hash>`` of the raw folder when it is tracked with ``dvc add``
+    (``<raw>.dvc`` beside it, the manifest's folder), else ``manifest:<sha256[:12]>`` of the manifest
+    (which names every input file), else 'unknown' (the synthetic cohort before ``hemexp synth``)."""
     from hemexp.workflow import manifest_path
 
-    dvc_file = Path(str(manifest_path(cfg).parent) + ".dvc")
-    if dvc_file.exists():
-        for line in dvc_file.read_text().splitlines():
-            if line.strip().startswith("- md5:") or line.strip().startswith("md5:"):
-                return "dvc:" + line.split(":", 1)[1].strip()
     manifest = manifest_path(cfg)
+    raw = manifest.resolve().parent
+    for dvc_file in (raw.with_name(raw.name + ".dvc"), manifest.with_name(manifest.name + ".dvc")):
+        if dvc_file.exists() and (value := dvc_hash(dvc_file)):
+            return "dvc:" + value
     if manifest.exists():
         return "manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
     return "unknown"
 
 
 def run_tags(cfg: dict[str, Any], stage: str, variant: str | None = None) -> dict[str, str]:
+    """The tags that make runs comparable (``hemexp compare``, MLflow filters like ``tags.stage='vae'``)."""
     return {
         "stage": stage,
         "variant": variant or "",

@@ -12,6 +12,12 @@ from typing import Any
 
 from hemexp.cohort import IMAGE_COLUMNS, read_manifest
 
+# Wildcard constraint for a patient ID: exactly the IDs the manifest check accepts (letters, digits,
+# '-' and '_'). Prefer it to an alternation of every ID ("A001|A002|..."): Snakemake inlines a
+# constraint into each output pattern, so an alternation makes every match scan the whole cohort and
+# building the DAG grows with the square of the number of patients (docs/orchestration.md, Scale).
+PATIENT_ID_PATTERN = r"[\w-]+"
+
 
 @dataclass(frozen=True)
 class Patient:
@@ -82,12 +88,16 @@ def rule_resources(cfg: dict[str, Any], rule: str) -> dict[str, Any]:
     """SLURM resources for one rule: ``resources.<rule>`` over ``resources.default``.
 
     Returned keys are the ones snakemake-executor-plugin-slurm reads (``cpus_per_task``, ``mem_mb``,
-    ``runtime`` in minutes, ``gpu``, ``slurm_partition``, ``slurm_extra``); a local run ignores them.
+    ``runtime`` in minutes, ``gpu`` -> ``--gpus=N``, ``gpu_model`` -> ``--gpus=<model>:N``,
+    ``slurm_partition``, ``slurm_extra``); a local run ignores them. ``gpus: 0`` requests no GPU (the
+    rule then runs on CPU), which is how a GPU-less cluster (or the test cluster) runs GPU rules.
     """
     spec = {**cfg["resources"]["default"], **cfg["resources"].get(rule, {})}
     out: dict[str, Any] = {"cpus_per_task": spec["cpus"], "mem_mb": spec["mem_mb"], "runtime": spec["runtime"]}
     if spec.get("gpus"):
         out["gpu"] = spec["gpus"]
+        if spec.get("gpu_model"):
+            out["gpu_model"] = spec["gpu_model"]
     for key in ("slurm_partition", "slurm_extra"):
         if key in spec:
             out[key] = spec[key]

@@ -48,3 +48,27 @@ def load_mask_nifti(path: str | Path, which: str, labels: dict[str, int], label_
     """(uint8 mask, 4x4 affine) from a NIfTI file, in the file's voxel order."""
     img = nib.load(str(path))
     return binarise_mask(np.asarray(img.dataobj), which, labels, label_map), img.affine
+
+
+# Geometry tolerances for "this mask was drawn on this CT": float32 sform rounding in mask exports
+# (ITK-SNAP, 3D Slicer) moves affine entries by ~1e-5 mm; anything beyond these is a different grid.
+AFFINE_ATOL_DIRECTION = 1e-3  # mm per voxel, direction/zoom columns of the affine
+AFFINE_ATOL_ORIGIN_FRAC = 0.05  # fraction of the smallest voxel size, for the origin
+
+
+def grid_mismatch(shape: tuple[int, ...], affine: np.ndarray, ref_shape: tuple[int, ...], ref_affine: np.ndarray) -> str | None:
+    """None when two voxel grids coincide within tolerance, else a sentence saying how they differ
+    (both shapes, both voxel sizes, largest affine difference) for the error message."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    ref_spacing = np.linalg.norm(ref_affine[:3, :3], axis=0)
+    direction_diff = float(np.abs(affine[:3, :3] - ref_affine[:3, :3]).max())
+    origin_diff = float(np.abs(affine[:3, 3] - ref_affine[:3, 3]).max())
+    origin_tol = AFFINE_ATOL_ORIGIN_FRAC * float(ref_spacing.min())
+    if tuple(shape) == tuple(ref_shape) and direction_diff <= AFFINE_ATOL_DIRECTION and origin_diff <= origin_tol:
+        return None
+    fmt = lambda v: "x".join(f"{x:.3g}" for x in v)  # noqa: E731
+    return (
+        f"mask grid {tuple(shape)} at {fmt(spacing)} mm does not match CT grid {tuple(ref_shape)} at "
+        f"{fmt(ref_spacing)} mm (after RAS canonicalisation; largest affine difference: direction "
+        f"{direction_diff:.3g} mm, origin {origin_diff:.3g} mm)"
+    )

@@ -1,0 +1,107 @@
+"""Ingest: a raw CT (DICOM folder or NIfTI file) or hemorrhage mask -> canonical RAS+ NIfTI image.
+
+This is the boundary where site data becomes pipeline data, so every problem with a patient's input
+surfaces here as a :class:`~hemexp.errors.PatientInputError` naming patient, file and problem, and
+every image leaves in one convention: RAS+ closest-canonical orientation (``nib.as_closest_canonical``),
+CT float32 HU clipped to ``HU_RANGE``, masks uint8 {0, 1} on exactly the CT's grid.
+
+Returned images carry (in ``img.extra``, never written to disk) ``source_path`` and ``ingest``, a
+dict of safe facts about the source (format, shape, spacing, for DICOM the chosen series'
+:class:`hemexp.io.dicom.SeriesInfo`, selection reason and resampling warnings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from hemexp.errors import PatientInputError
+from hemexp.io.dicom import load_dicom_folder
+from hemexp.io.masks import MaskFormatError, binarise_mask, grid_mismatch
+from hemexp.io.nifti import canonical, is_nifti_path, make_image, read_volume, spacing_mm
+
+# Air is -1000 HU; scanners pad outside the reconstruction circle with -2000/-3024 and clip at
+# 3071 (12-bit). Clipping to this range makes padding look like air to registration and templates.
+HU_RANGE = (-1024.0, 3071.0)
+MASK_KINDS = ("iph", "ivh")
+
+
+def _check_hu(data: np.ndarray, path: Path, patient_id: str) -> None:
+    """Reject volumes that cannot be a CT in Hounsfield units (constant, or no negative values)."""
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise PatientInputError(patient_id, path, f"CT volume is constant ({lo:g}); no image content")
+    if lo >= 0:
+        raise PatientInputError(
+            patient_id, path,
+            f"no negative values (range {lo:g}..{hi:g}): not a CT in Hounsfield units "
+            "(an MR image, or stored values without RescaleIntercept?)",
+        )
+
+
+def load_ct(path: str | Path, patient_id: str) -> nib.Nifti1Image:
+    """Load a CT from a DICOM folder or a NIfTI file as a canonical RAS+ float32 HU image.
+
+    DICOM folders go through :func:`hemexp.io.dicom.load_dicom_folder` (series selection, rescale,
+    tilt and spacing correction). Raises :class:`PatientInputError` for a missing/truncated/corrupt
+    file, non-finite voxels, a non-CT modality, a localizer-only folder or no usable axial series.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PatientInputError(patient_id, path, "CT not found (expected a DICOM folder or a NIfTI file)")
+    if path.is_dir():
+        data, affine, info = load_dicom_folder(path, patient_id)
+        info = {"format": "dicom", **info}
+    elif is_nifti_path(path):
+        data, affine = read_volume(path, patient_id, what="CT")
+        info = {"format": "nifti", "warnings": []}
+    else:
+        raise PatientInputError(patient_id, path, "CT must be a DICOM folder or a .nii/.nii.gz file")
+    if not np.all(np.isfinite(data)):
+        raise PatientInputError(patient_id, path, "CT has NaN/inf voxels")
+    _check_hu(data, path, patient_id)
+    data = np.clip(data, *HU_RANGE).astype(np.float32, copy=False)
+    img = canonical(make_image(data, affine))
+    img = make_image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    info.update(shape=list(img.shape), spacing_mm=list(spacing_mm(img)), hu_clip=list(HU_RANGE))
+    img.extra.update(source_path=str(path), ingest=info)
+    return img
+
+
+def load_mask(
+    path: str | Path,
+    reference_ct: nib.Nifti1Image,
+    which: str,
+    labels: dict[str, int],
+    label_map: bool,
+    patient_id: str,
+    reference_path: str | Path | None = None,
+) -> nib.Nifti1Image:
+    """Load an IPH or IVH mask as a canonical uint8 {0,1} image on the grid of ``reference_ct``.
+
+    Accepts {0,1}, {0,255} and label maps (``label_map=True``: ``labels[which]`` selects the
+    structure); see :func:`hemexp.io.masks.binarise_mask`. The mask must have been drawn on this CT:
+    shape and affine must match after canonicalisation (tolerances in :mod:`hemexp.io.masks`);
+    otherwise the error names both files, both shapes and both voxel sizes. ``reference_path``
+    defaults to the CT's ``extra["source_path"]`` set by :func:`load_ct`.
+    """
+    if which not in MASK_KINDS:
+        raise ValueError(f"which must be one of {MASK_KINDS}, got {which!r}")
+    path = Path(path)
+    data, affine = read_volume(path, patient_id, what=f"{which.upper()} mask")
+    try:
+        binary = binarise_mask(data, which, labels, label_map)
+    except MaskFormatError as err:
+        raise PatientInputError(patient_id, path, f"{which.upper()} mask: {err}") from err
+    img = canonical(make_image(binary, affine))
+    ref = canonical(reference_ct)
+    problem = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine)
+    if problem:
+        ref_file = reference_path or reference_ct.extra.get("source_path") or reference_ct.get_filename()
+        raise PatientInputError(patient_id, path, f"{which.upper()} {problem}; CT file: {ref_file or 'unknown'}")
+    # Snap to the CT's affine so later resampling treats both as exactly one grid.
+    out = make_image(np.asarray(img.dataobj, dtype=np.uint8), ref.affine)
+    out.extra.update(source_path=str(path))
+    return out

@@ -1,0 +1,105 @@
+"""NIfTI reading and writing with the checks and header hygiene every stage relies on.
+
+Reading validates what nibabel does not: that the file exists, decompresses completely (a truncated
+``.nii.gz`` loads lazily and only fails when the voxels are read), is a 3D volume and holds finite
+numbers. Writing goes through :func:`hemexp.utils.atomic_path` and blanks every free-text header
+field (``descrip``, ``aux_file``, ``intent_name``, ``db_name``) and drops header extensions, so no
+DICOM-derived text (or anything else identifying) can ride along into a product.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from hemexp.errors import PatientInputError
+from hemexp.utils import atomic_path
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Header fields that can carry free text; cleared on every write.
+TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+
+
+def is_nifti_path(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def spacing_mm(img: nib.Nifti1Image) -> tuple[float, float, float]:
+    """Voxel size (mm) along the three array axes, from the affine (not the possibly stale pixdim)."""
+    return tuple(float(v) for v in np.linalg.norm(img.affine[:3, :3], axis=0))
+
+
+def read_volume(path: str | Path, patient_id: str, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """(float32 3D array, 4x4 affine) of a NIfTI file in its stored voxel order.
+
+    Every way the file can be unusable becomes a :class:`PatientInputError` naming the file: missing,
+    not NIfTI, truncated/corrupt (detected by reading all voxels), not 3D (a trailing singleton
+    dimension is accepted), or containing NaN/inf voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PatientInputError(patient_id, path, f"{what} file not found")
+    if not path.is_file():
+        raise PatientInputError(patient_id, path, f"{what} is not a file (expected a NIfTI .nii/.nii.gz)")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except _READ_ERRORS as err:
+        raise PatientInputError(
+            patient_id, path, f"{what} is truncated or corrupt: cannot read it ({type(err).__name__}: {err})"
+        ) from err
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise PatientInputError(patient_id, path, f"{what} must be a 3D volume, got shape {data.shape}")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise PatientInputError(
+            patient_id, path, f"{what} has {bad} NaN/inf voxels ({100.0 * bad / data.size:.1f} % of the volume)"
+        )
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def make_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A fresh NIfTI image (new header: nothing inherited from a source file), sform = qform = affine."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    return img
+
+
+def canonical(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """RAS+ closest-canonical orientation (array axes x, y, z = right, anterior, superior)."""
+    return nib.as_closest_canonical(img)
+
+
+def sanitise_header(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Blank the free-text header fields and drop extensions, in place; returns ``img``."""
+    hdr = img.header
+    for field in TEXT_FIELDS:
+        if field in hdr:
+            hdr[field] = b""
+    hdr.extensions.clear()
+    return img
+
+
+def save_nifti(img: nib.Nifti1Image, path: str | Path, dtype: type | np.dtype | None = None) -> Path:
+    """Write ``img`` atomically with a sanitised header; ``dtype`` converts the data first.
+
+    A new image is built from data + affine, so the on-disk header holds geometry only.
+    """
+    data = np.asanyarray(img.dataobj)
+    if dtype is not None:
+        data = data.astype(dtype)
+    out = sanitise_header(make_image(data, img.affine))
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise ValueError(f"NIfTI output must end in .nii or .nii.gz: {path}")
+    with atomic_path(path) as tmp:
+        nib.save(out, str(tmp))
+    return path

@@ -1,0 +1,1 @@
+"""Preprocessing: skull stripping, template registration, model-grid resampling, QC, per-patient pipeline."""

@@ -1,0 +1,311 @@
+"""One patient end to end: ingest + skull strip, register + resample + QC, shard.
+
+Three steps, three commands (``hemexp ingest|preprocess|shard {p}``), because a template built from
+training baselines needs those patients' ingest outputs before any patient can be registered.
+Each step writes its whole output folder/file atomically, so a failure leaves nothing behind, and
+every input problem is a :class:`~hemexp.errors.PatientInputError` naming patient, file and problem.
+
+Layout (``R`` = results_dir): ``R/ingested/{p}/`` {bl,fu}_ct (canonical HU), {bl,fu}_{iph,ivh},
+brain_{bl,fu}, ingest.json; ``R/preprocessed/{p}/`` {bl,fu}_{ct,iph,ivh}, brain_{bl,fu} on the model
+grid, transforms/, qc.png, summary.json; ``R/shards/{p}.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from hemexp.cohort import CLINICAL_NAMES, is_expansion, mask_volume_ml, read_manifest
+from hemexp.errors import PatientInputError
+from hemexp.io.nifti import make_image, save_nifti, spacing_mm
+from hemexp.utils import atomic_dir, read_json, write_json
+from hemexp.workflow import manifest_path
+
+TIMEPOINTS = {"bl": "baseline", "fu": "followup"}
+KINDS = ("iph", "ivh")
+GRID_VOLUME_TOLERANCE = 0.25  # warn when a model-grid volume differs from native by more (relative)
+CLINICAL_VOLUME_TOLERANCE_ML = 1.0
+
+
+def ingested_dir(cfg: dict[str, Any], patient_id: str) -> Path:
+    return Path(cfg["results_dir"]) / "ingested" / patient_id
+
+
+def preprocessed_dir(cfg: dict[str, Any], patient_id: str) -> Path:
+    return Path(cfg["results_dir"]) / "preprocessed" / patient_id
+
+
+def shard_path(cfg: dict[str, Any], patient_id: str) -> Path:
+    return Path(cfg["results_dir"]) / "shards" / f"{patient_id}.parquet"
+
+
+def patient_row(cfg: dict[str, Any], patient_id: str) -> pd.Series:
+    """This patient's manifest row. Files are not checked here (another patient's missing file must
+    not fail this patient's job); each stage checks its own patient's files."""
+    path = manifest_path(cfg)
+    df = read_manifest(path, check_files=False)
+    rows = df[df["patient_id"] == patient_id]
+    if rows.empty:
+        raise PatientInputError(patient_id, path, "patient not in the manifest")
+    return rows.iloc[0]
+
+
+def manifest_row_hashes(manifest: str | Path) -> dict[str, str]:
+    """patient -> short hash of its manifest row: the workflow passes it as a rule ``params`` entry,
+    so editing one patient's row (clinical values, split) reruns only that patient's jobs."""
+    df = read_manifest(manifest, check_files=False)
+    return {r["patient_id"]: hashlib.sha256(r.to_json().encode()).hexdigest()[:12] for _, r in df.iterrows()}
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    img = nib.load(str(path))
+    return make_image(np.asarray(img.dataobj), img.affine)
+
+
+# ---------------------------------------------------------------- ingest + skull strip
+
+
+def load_timepoint(row: pd.Series, tp: str, labels: dict[str, int], pid: str) -> dict[str, nib.Nifti1Image]:
+    from hemexp.io.ingest import load_ct, load_mask
+
+    name = TIMEPOINTS[tp]
+    ct = load_ct(row[f"{name}_ct"], pid)
+    label_map = row[f"{name}_iph"] == row[f"{name}_ivh"]
+    out = {"ct": ct}
+    for kind in KINDS:
+        out[kind] = load_mask(row[f"{name}_{kind}"], ct, kind, labels, label_map, pid)
+    return out
+
+
+def lesion_safe_brain(ct: nib.Nifti1Image, iph: nib.Nifti1Image, ivh: nib.Nifti1Image, cfg: dict[str, Any], pid: str) -> tuple[np.ndarray, dict]:
+    """Skull-strip mask, united with the hemorrhage masks: a bleed touching the skull must never be
+    cut from the skull-stripped CT (the strip is a registration aid, the masks are ground truth)."""
+    from hemexp.preprocess.skullstrip import brain_mask
+
+    pre = cfg["preprocess"]
+    mask_img, info = brain_mask(ct, pre["skullstrip"], pid, pre["brain_volume_ml"])
+    brain = np.asarray(mask_img.dataobj) > 0
+    brain |= (np.asarray(iph.dataobj) > 0) | (np.asarray(ivh.dataobj) > 0)
+    return brain.astype(np.uint8), dict(info)
+
+
+def ingest_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Load, check and skull-strip one patient's baseline and follow-up; write ``ingested/{p}/``."""
+    row = patient_row(cfg, patient_id)
+    out_dir = Path(out_dir) if out_dir else ingested_dir(cfg, patient_id)
+    labels = cfg["cohort"]["mask_labels"]
+    t0 = time.perf_counter()
+    imgs = {tp: load_timepoint(row, tp, labels, patient_id) for tp in TIMEPOINTS}
+    volumes = {tp: {k: mask_volume_ml(np.asarray(imgs[tp][k].dataobj), spacing_mm(imgs[tp]["ct"])) for k in KINDS}
+               for tp in TIMEPOINTS}
+    if volumes["bl"]["iph"] == 0:
+        raise PatientInputError(patient_id, row["baseline_iph"], "baseline IPH mask is empty (no hemorrhage to model)")
+    t1 = time.perf_counter()
+    brains, strip_info = {}, {}
+    for tp, parts in imgs.items():
+        brains[tp], strip_info[tp] = lesion_safe_brain(parts["ct"], parts["iph"], parts["ivh"], cfg, patient_id)
+    t2 = time.perf_counter()
+    info = {
+        "patient_id": patient_id,
+        "native": {tp: {"shape": list(imgs[tp]["ct"].shape), "spacing_mm": list(spacing_mm(imgs[tp]["ct"])),
+                        "source": imgs[tp]["ct"].extra.get("ingest", {})} for tp in TIMEPOINTS},
+        "volumes_ml": {TIMEPOINTS[tp]: {**v, "total": v["iph"] + v["ivh"]} for tp, v in volumes.items()},
+        "skullstrip": strip_info,
+        "timings_s": {"ingest": t1 - t0, "skullstrip": t2 - t1},
+    }
+    with atomic_dir(out_dir) as tmp:
+        for tp, parts in imgs.items():
+            save_nifti(parts["ct"], tmp / f"{tp}_ct.nii.gz", np.float32)
+            for kind in KINDS:
+                save_nifti(parts[kind], tmp / f"{tp}_{kind}.nii.gz", np.uint8)
+            save_nifti(make_image(brains[tp], parts["ct"].affine), tmp / f"brain_{tp}.nii.gz", np.uint8)
+        write_json(tmp / "ingest.json", info)
+    return info
+
+
+# ---------------------------------------------------------------- register + resample + QC
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    denom = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+
+
+def _resample_all(src: Path, patient_dir: Path) -> dict[str, np.ndarray]:
+    """Every ingested image of both timepoints on the model grid: CT skull-stripped (HU, linear),
+    masks with the label interpolator."""
+    from hemexp.preprocess.register import to_model_grid
+
+    vols: dict[str, np.ndarray] = {}
+    for tp in TIMEPOINTS:
+        ct = _load(src / f"{tp}_ct.nii.gz")
+        brain = _load(src / f"brain_{tp}.nii.gz")
+        stripped = make_image(np.asarray(ct.dataobj, np.float32) * (np.asarray(brain.dataobj) > 0), ct.affine)
+        vols[f"{tp}_ct"] = np.asarray(to_model_grid(stripped, patient_dir, tp, "linear").dataobj, np.float32)
+        vols[f"{tp}_brain"] = np.asarray(to_model_grid(brain, patient_dir, tp, "label").dataobj, np.uint8)
+        for kind in KINDS:
+            mask = _load(src / f"{tp}_{kind}.nii.gz")
+            vols[f"{tp}_{kind}"] = np.asarray(to_model_grid(mask, patient_dir, tp, "label").dataobj, np.uint8)
+    return vols
+
+
+def _stripped_ants(src: Path, tp: str):
+    from hemexp.preprocess.register import nib_to_ants
+
+    ct = _load(src / f"{tp}_ct.nii.gz")
+    brain = np.asarray(_load(src / f"brain_{tp}.nii.gz").dataobj) > 0
+    return nib_to_ants(make_image(np.asarray(ct.dataobj, np.float32) * brain, ct.affine))
+
+
+def _grid_volumes(vols: dict[str, np.ndarray], spacing: tuple[float, float, float]) -> dict[str, dict[str, float]]:
+    out = {}
+    for tp, name in TIMEPOINTS.items():
+        v = {k: mask_volume_ml(vols[f"{tp}_{k}"], spacing) for k in KINDS}
+        out[name] = {**v, "total": v["iph"] + v["ivh"]}
+    return out
+
+
+def _warnings(native: dict, grid: dict, row: pd.Series, expansion: bool) -> list[str]:
+    """Non-fatal disagreements a reader should see: label vs manifest, volumes vs clinical table,
+    volumes lost or gained by resampling."""
+    out = []
+    manifest_exp = row.get("expansion")
+    if manifest_exp is not None and np.isfinite(manifest_exp) and bool(manifest_exp) != expansion:
+        out.append(f"expansion label {int(expansion)} by the paper rule (IPH {native['baseline']['iph']:.2f} -> "
+                   f"{native['followup']['iph']:.2f} mL) disagrees with the manifest's expansion={int(manifest_exp)}")
+    stated, measured = float(row["baseline_iph_ml"]), native["baseline"]["iph"]
+    if abs(stated - measured) > max(CLINICAL_VOLUME_TOLERANCE_ML, 0.1 * measured):
+        out.append(f"manifest baseline_iph_ml={stated:.2f} but the baseline IPH mask measures {measured:.2f} mL")
+    for tp in ("baseline", "followup"):
+        for kind in KINDS:
+            a, b = native[tp][kind], grid[tp][kind]
+            if max(a, b) > 1.0 and abs(a - b) > GRID_VOLUME_TOLERANCE * max(a, b):
+                out.append(f"{tp} {kind.upper()} volume {a:.2f} mL native vs {b:.2f} mL on the model grid")
+    return out
+
+
+def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path | None = None,
+                       src_dir: str | Path | None = None) -> dict[str, Any]:
+    """Register, resample to the model grid, QC and summarise one ingested patient."""
+    from hemexp.preprocess.grid import brain_coverage, model_grid
+    from hemexp.preprocess.qc import qc_figure
+    from hemexp.preprocess.register import (
+        BL_TO_TEMPLATE,
+        FU_TO_BL,
+        MODEL_GRID,
+        TRANSFORMS_DIR,
+        nib_to_ants,
+        register_patient,
+        rigid_motion,
+        save_native_grid,
+    )
+    from hemexp.preprocess.template import load_template, template_paths
+
+    pre = cfg["preprocess"]
+    row = patient_row(cfg, patient_id)
+    src = Path(src_dir) if src_dir else ingested_dir(cfg, patient_id)
+    out_dir = Path(out_dir) if out_dir else preprocessed_dir(cfg, patient_id)
+    ingest = read_json(src / "ingest.json")
+    template, tmask = load_template(cfg)
+    grid = model_grid(tmask, pre["spacing_mm"], pre["crop"])
+    with atomic_dir(out_dir) as tmp:
+        tdir = tmp / TRANSFORMS_DIR
+        t0 = time.perf_counter()
+        timings = register_patient(nib_to_ants(template), _stripped_ants(src, "bl"), _stripped_ants(src, "fu"),
+                                   cfg["seed"], pre["registration_mm"], tdir)
+        grid.save(tdir / MODEL_GRID)
+        save_native_grid(_load(src / "bl_ct.nii.gz"), tmp)
+        t1 = time.perf_counter()
+        vols = _resample_all(src, tmp)
+        for key, data in vols.items():
+            dtype = np.float32 if key.endswith("_ct") else np.uint8
+            name = f"brain_{key[:2]}" if key.endswith("_brain") else key
+            save_nifti(grid.image(data, dtype), tmp / f"{name}.nii.gz", dtype)
+        t2 = time.perf_counter()
+        summary = _summary(cfg, patient_id, row, ingest, grid, vols)
+        summary["registration"].update(
+            bl_to_template=rigid_motion(tdir / BL_TO_TEMPLATE), fu_to_bl=rigid_motion(tdir / FU_TO_BL),
+            template=str(template_paths(cfg)[0]), template_brain_coverage=brain_coverage(grid, tmask),
+        )
+        _check(summary, row, patient_id, pre["min_brain_dice"])
+        qc_figure(vols, pre["hu_window"], tmp / "qc.png", _qc_title(summary))
+        t3 = time.perf_counter()
+        summary["timings_s"].update(registration_total=t1 - t0, rigid=timings["rigid"], affine=timings["affine"],
+                                    resample=t2 - t1, qc=t3 - t2)
+        write_json(tmp / "summary.json", summary)
+    return summary
+
+
+def _summary(cfg: dict[str, Any], pid: str, row: pd.Series, ingest: dict, grid, vols: dict) -> dict[str, Any]:
+    native = ingest["volumes_ml"]
+    on_grid = _grid_volumes(vols, grid.spacing)
+    expansion = is_expansion(native["baseline"]["iph"], native["followup"]["iph"])
+    manifest_exp = row.get("expansion")
+    return {
+        "patient_id": pid,
+        "split": row["split"],
+        "site": row["site"],
+        "volumes_ml": native,
+        "volumes_ml_model_grid": on_grid,
+        "expansion": bool(expansion),
+        "manifest_expansion": bool(manifest_exp) if manifest_exp is not None and np.isfinite(manifest_exp) else None,
+        "warnings": _warnings(native, on_grid, row, expansion),
+        "registration": {"brain_dice": dice(vols["bl_brain"], vols["fu_brain"])},
+        "grid": {"spacing_mm": list(grid.spacing), "shape": list(grid.shape)},
+        "native_slice_thickness_mm": float(ingest["native"]["bl"]["spacing_mm"][2]),
+        "clinical": {name: float(row[name]) for name in CLINICAL_NAMES},
+        "he_prob": float(row["he_prob"]) if np.isfinite(row["he_prob"]) else None,
+        "timings_s": dict(ingest["timings_s"]),
+    }
+
+
+def _check(summary: dict[str, Any], row: pd.Series, pid: str, min_dice: float) -> None:
+    """Failures that make a pair unusable for training or evaluation."""
+    if summary["volumes_ml_model_grid"]["baseline"]["iph"] == 0:
+        raise PatientInputError(pid, row["baseline_iph"],
+                                "baseline IPH lies outside the model grid after registration (check crop and the QC)")
+    dice_ = summary["registration"]["brain_dice"]
+    if dice_ < min_dice:
+        raise PatientInputError(pid, row["followup_ct"],
+                                f"follow-up does not align with the baseline after registration (brain Dice {dice_:.3f} "
+                                f"< preprocess.min_brain_dice {min_dice}): a different patient's scan or a failed registration?")
+
+
+def _qc_title(summary: dict[str, Any]) -> str:
+    v = summary["volumes_ml"]
+    return (f"{summary['patient_id']} ({summary['split']}, site {summary['site']})  IPH {v['baseline']['iph']:.1f} -> "
+            f"{v['followup']['iph']:.1f} mL, IVH {v['baseline']['ivh']:.1f} -> {v['followup']['ivh']:.1f} mL, "
+            f"expansion={int(summary['expansion'])}, brain Dice {summary['registration']['brain_dice']:.3f}")
+
+
+# ---------------------------------------------------------------- shard
+
+
+def shard_patient(cfg: dict[str, Any], patient_id: str, out_path: str | Path | None = None,
+                  src_dir: str | Path | None = None) -> Path:
+    """Write ``shards/{p}.parquet`` from the preprocessed volumes, the summary and the manifest row."""
+    from hemexp.io.shards import IMAGE_COLUMNS, patient_table, write_shard
+    from hemexp.preprocess.grid import ModelGrid
+    from hemexp.preprocess.register import MODEL_GRID, TRANSFORMS_DIR
+
+    src = Path(src_dir) if src_dir else preprocessed_dir(cfg, patient_id)
+    out_path = Path(out_path) if out_path else shard_path(cfg, patient_id)
+    summary = read_json(src / "summary.json")
+    row = patient_row(cfg, patient_id)
+    grid = ModelGrid.load(src / TRANSFORMS_DIR / MODEL_GRID)
+    vols = {c: np.asarray(nib.load(str(src / f"{c}.nii.gz")).dataobj) for c in IMAGE_COLUMNS}
+    meta = {"patient_id": patient_id, "split": row["split"], "site": row["site"],
+            "expansion": summary["expansion"], "he_prob": row["he_prob"],
+            **{name: row[name] for name in CLINICAL_NAMES}}
+    try:
+        table = patient_table(vols, grid.spacing, grid.z_mm(), meta, cfg["shards"]["context_margin_mm"])
+    except ValueError as err:
+        raise PatientInputError(patient_id, src / "bl_iph.nii.gz", f"cannot shard: {err}") from err
+    return write_shard(table, out_path, cfg["shards"]["row_group_rows"])
