@@ -1,7 +1,7 @@
 # Shared by every rules file: the resolved config that jobs read, and per-section hashes that make a
 # rule rerun exactly when the config keys it depends on change (Snakemake's `params` rerun trigger).
 from hemexp.config import config_hash
-from hemexp.workflow import rule_resources
+from hemexp.workflow import PATIENT_ID_PATTERN, rule_resources
 from hemexp.workflow_config import write_resolved_config
 
 RESOLVED_CONFIG = write_resolved_config(config)  # pass to jobs as `params: config=RESOLVED_CONFIG`

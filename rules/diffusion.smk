@@ -22,7 +22,7 @@ TRAINABLE_VARIANTS = [v for v in VARIANTS
                       if not (_FROZEN and os.path.exists(DIFFUSION_MODEL.format(variant=v)))]
 
 
-ENCODE_PATIENT_RE = "|".join(re.escape(p) for p in sorted(PATIENTS)) or "NO_PATIENTS"
+ENCODE_PATIENT_RE = PATIENT_ID_PATTERN  # not an ID alternation: that makes DAG building quadratic
 TRAINABLE_RE = "|".join(re.escape(v) for v in sorted(TRAINABLE_VARIANTS)) or "NO_VARIANTS"
 # Rerun trigger of one variant: its own spec and the shared training keys, not the other variants.
 _SHARED_DIFFUSION = {k: v for k, v in config["diffusion"].items() if k != "variants"}

@@ -8,7 +8,7 @@ import re
 from hemexp.preprocess.pipeline import manifest_row_hashes
 from hemexp.preprocess.template import template_paths, template_patients
 
-PATIENT_RE = "|".join(re.escape(p) for p in sorted(PATIENTS)) or "NO_PATIENTS"
+PATIENT_RE = PATIENT_ID_PATTERN  # a per-ID alternation makes DAG building quadratic in cohort size
 INGEST_FILES = ["bl_ct.nii.gz", "fu_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_iph.nii.gz",
                 "fu_ivh.nii.gz", "brain_bl.nii.gz", "brain_fu.nii.gz", "ingest.json"]
 PREPROCESSED_FILES = ["bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_ct.nii.gz", "fu_iph.nii.gz",

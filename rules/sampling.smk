@@ -87,7 +87,7 @@ rule sample:
         config=RESOLVED_CONFIG,
     wildcard_constraints:
         variant=_one_of(SAMPLED),
-        patient=_one_of(TEST),
+        patient=PATIENT_ID_PATTERN,
     resources:
         **R("sample"),
     conda:
