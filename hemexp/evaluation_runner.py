@@ -385,7 +385,9 @@ def write_calibration_products(cal: Calibration, headline: str, out_dir: Path, p
         key = f"{method_slug(row.method)}.level_{row.level:g}"
         numbers.update(_finite({f"{key}.observed": row.observed, f"{key}.expected_calibrated": row.expected_calibrated,
                                 f"{key}.n_inside": row.n_inside}))
-    write_json(out_dir / "calibration.json", {**numbers, "rank_histograms": cal.ranks})
+    for method, counts in cal.ranks.items():  # flat numbers only: DVC metrics
+        numbers.update({f"{method_slug(method)}.pit_rank_{i}": float(c) for i, c in enumerate(counts)})
+    write_json(out_dir / "calibration.json", numbers)
     head = cal.summary[cal.summary["method"] == headline]
     note = calibration_note(head.drop(columns=["method", "n_samples"]), cal.n_samples[headline])
     ranks = pd.DataFrame([{"method": m, **{f"rank {i}": c for i, c in enumerate(r)}} for m, r in cal.ranks.items()])

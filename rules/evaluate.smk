@@ -13,7 +13,7 @@ FLAG_PASSES = flag_source_passes(config)  # source -> variants; a bad entry fail
 EVAL_MASKS = [f"samples/sample_{k:02d}_{m}.nii.gz" for k in range(N_SAMPLES) for m in ("iph", "ivh")]
 FLAG_PASS_DIR = f"{RESULTS}/samples_{{source}}/{{variant}}/{{patient}}"
 PASS_DIRS = [f"{SAMPLES}/{v}" for v in SAMPLED] + [f"{RESULTS}/samples_{s}/{v}" for s, vs in FLAG_PASSES.items() for v in vs]
-NNUNET_BASELINES = list(nnunet_baselines(config))
+EVAL_NNUNET = list(nnunet_baselines(config))  # nnU-Net baselines Table 2 reads (rules/nnunet.smk makes them)
 PERTURB_VARIANT = config["evaluation"]["perturbation_variant"]
 if PERTURB_VARIANT and "c" not in config["diffusion"]["variants"][PERTURB_VARIANT]["conditioning"]:
     raise ValueError(f"evaluation.perturbation_variant: {PERTURB_VARIANT!r} has no clinical conditioning "
@@ -47,7 +47,7 @@ if FLAG_PASSES:
         wildcard_constraints:
             source=_one_of(FLAG_PASSES),
             variant=_one_of({v for vs in FLAG_PASSES.values() for v in vs}),
-            patient=_one_of(TEST),
+            patient=PATIENT_ID_PATTERN,
         resources:
             **R("sample"),
         conda:
@@ -68,7 +68,7 @@ if TEST:
             samples=[f"{d}/{p}/{f}" for d in PASS_DIRS for p in TEST for f in ("volumes.tsv", "summary.json", *EVAL_MASKS)],
             preprocessed=[f"{RESULTS}/preprocessed/{p}/{f}" for p in TEST
                           for f in ("summary.json", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_iph.nii.gz", "fu_ivh.nii.gz")],
-            baselines=[f"{RESULTS}/baselines/{b}/{p}/{s}.nii.gz" for b in NNUNET_BASELINES for p in TEST for s in ("iph", "ivh")],
+            baselines=[f"{RESULTS}/baselines/{b}/{p}/{s}.nii.gz" for b in EVAL_NNUNET for p in TEST for s in ("iph", "ivh")],
         output:
             table2=f"{METRICS}/table2.csv",
             table2_md=f"{METRICS}/table2.md",
