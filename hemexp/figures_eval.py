@@ -16,15 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from hemexp.utils import atomic_path  # noqa: E402
+from hemexp.utils import save_figure  # noqa: E402
 
 _FAV, _STB = "#c0392b", "#2471a3"
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=150, bbox_inches="tight")
 
 
 def _sd(series: pd.Series) -> np.ndarray:

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from hemexp.utils import atomic_path  # noqa: E402
+from hemexp.utils import save_figure  # noqa: E402
 
 IPH_COLOUR, IVH_COLOUR = "red", "dodgerblue"
 DISPLAY_HU = (0.0, 100.0)  # brain window for display
@@ -131,7 +131,5 @@ def sample_figure(out: str | Path, baseline: dict[str, np.ndarray], vols: dict[s
         ax.set_title(f"#{k} flag {int(r['flag'])}: IPH {r['iph_ml']:.1f}\nIVH {r['ivh_ml']:.1f} mL"
                      f"{' (exp.)' if r['expansion'] else ''}", fontsize=7)
     fig.suptitle(_title(summary), fontsize=8.5)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, dpi=90)
     return Path(out)

@@ -69,6 +69,16 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Write a matplotlib figure atomically and release it (figures pile up in long jobs otherwise)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **savefig_kwargs)
+    plt.close(fig)
+    return Path(path)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

@@ -29,7 +29,7 @@ from monai.metrics import DiceMetric, SSIMMetric
 from torch.utils.data import DataLoader, Dataset
 
 from hemexp.models.vae import MultiHeadVAE
-from hemexp.utils import atomic_path, write_json
+from hemexp.utils import atomic_path, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ def reconstruction_figure(x: torch.Tensor, recon: torch.Tensor, path: str | Path
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return Path(path)
 
 

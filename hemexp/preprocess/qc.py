@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hemexp.utils import atomic_path  # noqa: E402
+from hemexp.utils import save_figure  # noqa: E402
 
 N_SLICES = 6
 CHECKER_TILES = 8
@@ -85,7 +85,5 @@ def qc_figure(vols: dict[str, np.ndarray], hu_window: tuple[float, float], out_p
         axes[row, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_path, dpi=110)
     return Path(out_path)

@@ -380,7 +380,7 @@ def sample_grid(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], dataset
     import matplotlib.pyplot as plt
 
     from hemexp.models.vae import load_vae
-    from hemexp.utils import atomic_path
+    from hemexp.utils import save_figure
 
     device = next(model.parameters()).device
     vae = load_vae(vae_file, map_location=device)
@@ -406,7 +406,5 @@ def sample_grid(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], dataset
                 ax.set_title(name, fontsize=9)
         axes[r, 0].set_ylabel(f"flag {int(batch['flag'][r])}", fontsize=8)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out, dpi=80)
     return Path(out)
