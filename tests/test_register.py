@@ -3,6 +3,8 @@ NIfTI <-> ANTs geometry conversion; the model grid covers the template brain."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -148,3 +150,14 @@ def test_configured_grid_covers_real_template_brain(real_template, config_file):
     grid = model_grid(mask, pre["spacing_mm"], pre["crop"])
     assert brain_coverage(grid, mask) > 0.999
     assert grid.shape[2] * grid.spacing[2] > 120  # whole brain superior-inferior extent (mm)
+
+
+def test_itk_thread_default_is_set_before_ants_initialises():
+    """Any ``hemexp`` import must pin ITK to one thread before ``ants`` loads ITK, or reruns differ."""
+    import subprocess
+    import sys
+
+    code = "import os, hemexp.io.nifti, ants; print(os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

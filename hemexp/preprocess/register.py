@@ -8,8 +8,8 @@ transform is kept as an ITK ``.mat`` file under ``<patient>/transforms/`` so any
 
 Determinism: ANTs' Mattes metric samples voxels at random, and multi-threaded accumulation changes
 floating-point order. Every call passes ``random_seed``, and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
-defaults to 1 (set before ANTs is first imported; ITK reads it once per process), so a rerun gives
-bit-identical transforms. Images are smoothed and resampled to ``registration_mm`` first: a rigid or
+defaults to 1 (set in ``hemexp/__init__`` so it precedes any ANTs import; ITK reads it once per
+process), so a rerun gives bit-identical transforms. Images are smoothed and resampled to ``registration_mm`` first: a rigid or
 affine transform is a physical-space object, so estimating it at the model's coarse resolution is
 accurate (sub-0.3 mm on the template) and an order of magnitude cheaper than at 1 mm.
 """
