@@ -7,7 +7,8 @@ transform is kept as an ITK ``.mat`` file under ``<patient>/transforms/`` so any
 (:func:`to_native`) and native data onto the grid (:func:`to_model_grid`).
 
 Determinism: ANTs' Mattes metric samples voxels at random, and multi-threaded accumulation changes
-floating-point order. Every call passes ``random_seed``, and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
+floating-point order. Every call passes a non-zero ``random_seed`` (:func:`ants_seed`: ANTs treats 0
+as "seed from the clock"), and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
 defaults to 1 (set in ``hemexp/__init__`` so it precedes any ANTs import; ITK reads it once per
 process), so a rerun gives bit-identical transforms. Images are smoothed and resampled to ``registration_mm`` first: a rigid or
 affine transform is a physical-space object, so estimating it at the model's coarse resolution is
@@ -86,6 +87,17 @@ def registration_image(img: ants.ANTsImage, mm: float) -> ants.ANTsImage:
     return ants.resample_image(smooth, (mm, mm, mm), use_voxels=False, interp_type=0)
 
 
+def ants_seed(seed: int) -> int:
+    """The ``--random-seed`` ANTs gets for a HemExp seed: always in [1, 2**31 - 1].
+
+    antsRegistration seeds its metric sampler from the system clock when the seed is 0, so the
+    config's default ``seed: 0`` passed through unchanged made every run register differently (seen as
+    templates differing by up to 47 HU between two runs of the same config). Shifting by one keeps
+    distinct config seeds distinct.
+    """
+    return int(seed) % (2**31 - 1) + 1
+
+
 def register(
     fixed: ants.ANTsImage,
     moving: ants.ANTsImage,
@@ -108,7 +120,7 @@ def register(
         type_of_transform=kind,
         initial_transform=initial_transform,
         outprefix=str(Path(prefix) / "reg_"),
-        random_seed=int(seed),
+        random_seed=ants_seed(seed),
     )
     (mat,) = out["fwdtransforms"]
     return mat
