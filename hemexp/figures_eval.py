@@ -96,3 +96,29 @@ def plot_calibration_bars(summary: pd.DataFrame, path: str | Path, title: str = 
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
     ax.set_title(title or "interval coverage")
     _save(fig, path)
+
+
+def plot_learned_vs_true(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Learned vs true clinical effects side by side, one panel per comparison block.
+
+    ``table`` is :func:`hemexp.perturb_runner.learned_vs_true_table` output: per scenario the learned
+    and the growth-law mean (sd over patients) of ΔV. Bars share one axis per panel, so an effect the
+    model has not learned shows as a bar near zero beside the true one rather than being rescaled away.
+    """
+    blocks = list(dict.fromkeys(table["comparison"]))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5.5 * len(blocks), 4), squeeze=False)
+    for ax, block in zip(axes[0], blocks, strict=True):
+        rows = table[table["comparison"] == block].reset_index(drop=True)
+        x = np.arange(len(rows))
+        for offset, kind, color in ((-0.2, "true", "0.55"), (0.2, "learned", _FAV)):
+            ax.bar(x + offset, rows[f"{kind}_delta_ml_mean"], width=0.4, color=color, capsize=3,
+                   yerr=_sd(rows[f"{kind}_delta_ml_sd"]), label=f"{kind} (growth law)" if kind == "true" else kind)
+        ax.axhline(0.0, color="k", linewidth=0.8)
+        ax.set_xticks(x, rows["scenario"].str.replace("_", " "), rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("ΔV (mL), mean ± sd over patients")
+        ax.set_title(block, fontsize=10)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -310,12 +310,12 @@ def trained_loader(cfg: Mapping[str, Any], bundle: Any, sampler_settings: Any, n
 def write_study_products(cfg: Mapping[str, Any], variant: str, result: StudyResult, single: Mapping[str, Scenario],
                          default_scale: float) -> dict[str, Any]:
     """perturbation.{csv,md,json,html}, perturbation_volumes.csv, the Fig. 3 figure and, on the synthetic
-    cohort, learned_vs_true.{csv,md,html}; returns the flat numbers."""
+    cohort, learned_vs_true.{csv,md,html} and its figure; returns the flat numbers."""
     from pathlib import Path
 
     from hemexp.evaluate import markdown_table
     from hemexp.evaluation_runner import fmt_floats, write_csv, write_html
-    from hemexp.figures_eval import plot_guidance_and_perturbations
+    from hemexp.figures_eval import plot_guidance_and_perturbations, plot_learned_vs_true
     from hemexp.utils import atomic_path, write_json
 
     results = Path(cfg["results_dir"])
@@ -342,7 +342,9 @@ def write_study_products(cfg: Mapping[str, Any], variant: str, result: StudyResu
                                     title=f"{variant}: clinical guidance ({numbers['n_patients']:.0f} test patients)")
     truth = results / "raw" / "truth.json"
     if cfg["cohort"]["source"] == "synthetic":
-        write_learned_vs_true(truth, result.volumes, single, default_scale, out)
+        table = write_learned_vs_true(truth, result.volumes, single, default_scale, out)
+        plot_learned_vs_true(table, figures / "learned_vs_true.png",
+                             title=f"{variant}: learned vs true clinical effects (synthetic cohort)")
     return numbers
 
 

@@ -106,7 +106,7 @@ if TEST:
 
 if PERTURB_VARIANT and TEST:
     LEARNED_VS_TRUE = ([f"{METRICS}/learned_vs_true.{x}" for x in ("csv", "md", "html")]
-                       if config["cohort"]["source"] == "synthetic" else [])
+                       + [f"{FIGURES}/learned_vs_true.png"] if config["cohort"]["source"] == "synthetic" else [])
 
     rule perturb:
         """Clinical-guidance study of one variant (Fig. 3): single-variable perturbations and the
@@ -129,7 +129,7 @@ if PERTURB_VARIANT and TEST:
             figure=report(f"{FIGURES}/perturbation.png", category=GUIDANCE_CAT, subcategory="Perturbations",
                           caption="../report/perturbation.rst"),
             learned=[report(f, category=GUIDANCE_CAT, subcategory="Learned vs true",
-                            caption="../report/learned_vs_true.rst") if f.endswith(".html") else f
+                            caption="../report/learned_vs_true.rst") if f.endswith((".html", ".png")) else f
                      for f in LEARNED_VS_TRUE],
         params:
             cfg=cfg_hash("evaluation", "sampling"),

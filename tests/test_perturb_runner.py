@@ -140,6 +140,7 @@ def test_products_and_learned_vs_true(tmp_path, settings):
     assert main.loc["anticoagulant_toggled", "sign_agreement"]
     assert main.loc["onset_plus_6h", "true_delta_ml_mean"] < 0 and main.loc["onset_plus_6h", "sign_agreement"]
     assert set(lvt["comparison"]) == {"scenario vs unperturbed (total)", "growth vs baseline (IPH)"}
+    assert (tmp_path / "results" / "figures" / "learned_vs_true.png").stat().st_size > 1000
 
 
 def test_settings_validation():
