@@ -49,7 +49,9 @@ def plot_guidance_and_perturbations(separation: pd.DataFrame, effects: pd.DataFr
     twin.plot(w, separation["separation_mean"], color="0.3", linestyle="--", marker="^", label="separation")
     twin.set_ylabel("separation ΔV(fav) − ΔV(stable) (mL)")
     lines = ax_a.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax_a.legend(lines, [str(h.get_label()) for h in lines], fontsize=8, loc="upper left")
+    # below the axes: inside, it covers the ±sd error bars of the first guidance scales
+    ax_a.legend(lines, [str(h.get_label()) for h in lines], fontsize=8, loc="upper center",
+                bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     ax_a.set_title("(a) guidance sweep")
 
     eff = effects.reset_index(drop=True)
