@@ -20,10 +20,10 @@ def test_shipped_configs_validate(name):
 
 def test_cohort72_overlay_validates_on_top_of_the_default():
     """config/cohort72.yaml is a --configfile overlay: merged onto config.yaml it must still validate."""
+    from hemexp.tracking import flatten
+
     overlay = yaml.safe_load((REPO_ROOT / "config" / "cohort72.yaml").read_text())
-    overrides = {"results_dir": overlay["results_dir"], "diffusion.max_steps": overlay["diffusion"]["max_steps"],
-                 **{f"cohort.synthetic.{k}": v for k, v in overlay["cohort"]["synthetic"].items()}}
-    cfg = load_config(DEFAULT_CONFIG, overrides)
+    cfg = load_config(DEFAULT_CONFIG, flatten(overlay))  # leaf by leaf, as Snakemake merges --configfile
     assert sum(cfg["cohort"]["synthetic"]["sites"].values()) == cfg["cohort"]["synthetic"]["n_patients"] == 78
 
 

@@ -8,30 +8,27 @@ transform is kept as an ITK ``.mat`` file under ``<patient>/transforms/`` so any
 
 Determinism: ANTs' Mattes metric samples voxels at random, and multi-threaded accumulation changes
 floating-point order. Every call passes a non-zero ``random_seed`` (:func:`ants_seed`: ANTs treats 0
-as "seed from the clock"), and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
-defaults to 1 (set in ``hemexp/__init__`` so it precedes any ANTs import; ITK reads it once per
-process), so a rerun gives bit-identical transforms. Images are smoothed and resampled to ``registration_mm`` first: a rigid or
+as "seed from the clock"), and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` defaults to 1 (set in
+``hemexp/__init__`` so it precedes any ANTs import; ITK reads it once per process), so a rerun gives
+bit-identical transforms. Images are smoothed and resampled to ``registration_mm`` first: a rigid or
 affine transform is a physical-space object, so estimating it at the model's coarse resolution is
 accurate (sub-0.3 mm on the template) and an order of magnitude cheaper than at 1 mm.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+import ants  # ITK's one-thread default is already set: hemexp/__init__ runs before this module
+import nibabel as nib
+import numpy as np
 
-import ants  # noqa: E402  (the thread default above must be set before ITK initialises)
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-
-from hemexp.io.nifti import make_image  # noqa: E402
-from hemexp.preprocess.grid import ModelGrid  # noqa: E402
-from hemexp.utils import read_json, write_json  # noqa: E402
+from hemexp.io.nifti import make_image
+from hemexp.preprocess.grid import ModelGrid
+from hemexp.utils import read_json, write_json
 
 # nibabel affines map voxels to RAS+ mm, ITK/ANTs uses LPS+: flip the first two physical axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
