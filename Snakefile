@@ -3,8 +3,9 @@
 # Rules are thin: each calls one `hemexp <subcommand>`; the logic lives in the `hemexp` package.
 from snakemake.utils import min_version
 
-from hemexp.config import sampled_variants, validate_config, variants
-from hemexp.workflow import manifest_path, patients
+from hemexp.core.config import sampled_variants, validate_config, variants
+from hemexp.core.layout import manifest_path
+from hemexp.cohort.patients import patients
 
 min_version("9.0")
 
@@ -33,8 +34,8 @@ include: "rules/preprocess.smk"
 include: "rules/vae.smk"
 include: "rules/diffusion.smk"
 include: "rules/sampling.smk"
-include: "rules/evaluate.smk"
-include: "rules/nnunet.smk"
+include: "rules/evaluation.smk"
+include: "rules/baselines.smk"
 
 
 rule all:
@@ -45,7 +46,7 @@ rule all:
 
 onsuccess:
     shell(f"hemexp failures --results {RESULTS}")
-    build_report(workflow, REPORT)  # <results>/report.html after a full run (hemexp.evaluation_runner)
+    build_report(workflow, REPORT)  # <results>/report.html after a full run (hemexp.evaluation.run)
 
 
 onerror:

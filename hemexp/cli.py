@@ -1,6 +1,6 @@
 """The ``hemexp`` command line: one subcommand per pipeline stage.
 
-Each stage registers its subcommands from its own module in :mod:`hemexp.commands`, and imports its
+Each stage registers its subcommands from its own ``hemexp/<stage>/cli.py``, and imports its
 heavy dependencies (torch, ANTs) only when run, so ``hemexp --help`` and the cheap stages stay fast.
 This module only parses arguments and dispatches; no stage logic lives here.
 """
@@ -13,21 +13,22 @@ import logging
 import sys
 
 from hemexp import __version__
-from hemexp.cohort import ManifestError
-from hemexp.config import ConfigError
-from hemexp.utils import setup_logging
+from hemexp.core.config import ConfigError
+from hemexp.core.errors import ManifestError
+from hemexp.core.runtime import setup_logging
 
 # Stage modules, in pipeline order; each exposes ``register(subparsers)``.
 COMMAND_MODULES = (
-    "hemexp.commands.core",
-    "hemexp.commands.synth",
-    "hemexp.commands.preprocess",
-    "hemexp.commands.vae",
-    "hemexp.commands.diffusion",
-    "hemexp.commands.sampling",
-    "hemexp.commands.evaluation",
-    "hemexp.commands.nnunet",
-    "hemexp.commands.tracking",
+    "hemexp.core.cli",
+    "hemexp.cohort.cli",
+    "hemexp.preprocess.cli",
+    "hemexp.vae.cli",
+    "hemexp.diffusion.cli",
+    "hemexp.sampling.cli",
+    "hemexp.evaluation.cli",
+    "hemexp.baselines.cli",
+    "hemexp.tracking.cli",
+    "hemexp.workflow.cli",
 )
 
 

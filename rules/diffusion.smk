@@ -9,7 +9,7 @@
 import os
 import re
 
-from hemexp.config import config_hash
+from hemexp.core.config import config_hash
 
 LATENTS = f"{RESULTS}/latents"
 LATENT_STATS = f"{LATENTS}/stats.json"

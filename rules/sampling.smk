@@ -15,7 +15,7 @@ N_SAMPLES = int(config["sampling"]["n_samples"])
 SAMPLE_FILES = [f"samples/sample_{k:02d}_{m}.nii.gz" for k in range(N_SAMPLES) for m in ("ct", "iph", "ivh")]
 MAP_FILES = [f"maps/{kind}_prob.nii.gz" for kind in ("iph", "ivh", "new")]
 NATIVE_FILES = [f"native/{kind}_prob.nii.gz" for kind in ("iph", "ivh", "new")]
-# wildcard regex matching exactly one of the names (also used by rules/evaluate.smk)
+# wildcard regex matching exactly one of the names (also used by rules/evaluation.smk)
 _one_of = lambda names: "|".join(re.escape(n) for n in sorted(names)) or "NO_MATCH"  # noqa: E731
 
 

@@ -2,7 +2,7 @@
 """Time building the workflow's DAG (a dry run) for a large manifest cohort.
 
 Creates N patients' raw files as empty placeholders and a manifest in a temporary folder, then
-times (1) manifest validation as the Snakefile does it (``hemexp.workflow.patients``) and (2) a full
+times (1) manifest validation as the Snakefile does it (``hemexp.cohort.patients.patients``) and (2) a full
 ``snakemake --dry-run`` of the default target, reporting the planned jobs per rule. Nothing is run
 and nothing under the repository is written.
 
@@ -30,8 +30,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hemexp.cohort import CLINICAL_NAMES, IMAGE_COLUMNS  # noqa: E402
-from hemexp.workflow import patients  # noqa: E402
+from hemexp.cohort.manifest import IMAGE_COLUMNS  # noqa: E402
+from hemexp.cohort.patients import patients  # noqa: E402
+from hemexp.core.clinical import CLINICAL_NAMES  # noqa: E402
 
 CLINICAL = {"onset_to_ct_h": "3", "baseline_iph_ml": "12", "anticoagulant": "0", "antiplatelet": "1",
             "age": "70", "gcs": "13", "sbp": "160"}

@@ -32,7 +32,7 @@ def _timed(times: dict[str, list[float]], step: str, func, *args, **kwargs):
 
 def bench_patient(cfg: dict, pid: str, work: Path, times: dict[str, list[float]]) -> tuple:
     """One pass of every step for one patient; returns (shard path, model-grid volumes, shard z, affine)."""
-    from hemexp.cohort import CLINICAL_NAMES
+    from hemexp.core.clinical import CLINICAL_NAMES
     from hemexp.io.nifti import make_image
     from hemexp.io.shards import IMAGE_COLUMNS, patient_table, write_shard
     from hemexp.preprocess.grid import model_grid
@@ -105,8 +105,8 @@ def write_slice_files(vols: dict[str, np.ndarray], zs: list[int], affine: np.nda
 
 def bench_reads(shards: list[Path], slice_dir: Path, hu_window: tuple[float, float], repeats: int) -> dict[str, float]:
     """Slices/s: SliceDataset over shards (first pass = decompression, then cached) vs NIfTI per slice."""
-    from hemexp.data import SliceDataset
     from hemexp.io.shards import IMAGE_COLUMNS
+    from hemexp.vae.data import SliceDataset
 
     cold, warm, nifti = [], [], []
     for _ in range(repeats):
@@ -135,9 +135,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from hemexp.cohort import read_manifest
-    from hemexp.config import load_config
-    from hemexp.workflow import manifest_path
+    from hemexp.cohort.manifest import read_manifest
+    from hemexp.core.config import load_config
+    from hemexp.core.layout import manifest_path
 
     cfg = load_config(args.config)
     pids = args.patients or list(read_manifest(manifest_path(cfg), check_files=False)["patient_id"][:2])

@@ -2,7 +2,7 @@
 """Benchmark (not a test): batched DDIM sampler vs a one-slice-at-a-time, one-sample-at-a-time loop.
 
 Both paths run the same model, the same noise and the same DDIM schedule on the same machine in one
-process; the loop is :func:`hemexp.sampling.sample_deltas` with one item per U-Net call, the batched
+process; the loop is :func:`hemexp.sampling.sampler.sample_deltas` with one item per U-Net call, the batched
 path the same function with the chunk size derived from free memory. Throughput is
 slice·samples per second (items of the N × S grid through the whole DDIM chain); each path is timed
 ``--repeats`` times after one warm-up run and the median is reported.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from hemexp.config import load_config, variants
-from hemexp.models.diffusion import build_model, model_config, scheduler_config
-from hemexp.sampling import SamplerSettings, branches, sample_deltas
+from hemexp.core.config import load_config, variants
+from hemexp.diffusion.model import build_model, model_config, scheduler_config
+from hemexp.sampling.sampler import SamplerSettings, branches, sample_deltas
 
 
 def demo_model(cfg: dict, variant: str) -> tuple[torch.nn.Module, dict, tuple[int, int, int]]:
@@ -98,7 +98,7 @@ def main() -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variant = args.variant or next(iter(cfg["diffusion"]["variants"]))
     if args.model:
-        from hemexp.models.diffusion import load_diffusion
+        from hemexp.diffusion.model import load_diffusion
 
         model, _, sched = load_diffusion(args.model, map_location="cpu")
         _, _, shape = demo_model(cfg, variant)

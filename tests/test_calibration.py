@@ -7,16 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hemexp.calibration import (
+from hemexp.evaluation.calibration import (
     calibration_note,
     calibration_summary,
-    empirical_interval,
     expected_coverage,
-    order_stat_indices,
     patient_calibration,
     pit_rank,
     rank_histogram,
 )
+from hemexp.sampling.intervals import empirical_interval, order_stat_indices
 
 
 def test_order_statistics_for_five_samples():

@@ -4,16 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hemexp.classifier import (
+from hemexp.core.clinical import CLINICAL_NAMES
+from hemexp.core.errors import PatientInputError
+from hemexp.core.files import write_json
+from hemexp.sampling.classifier import (
     FEATURES,
     HEClassifier,
     patient_table_from_summaries,
     threshold_for_sensitivity,
     train_classifier,
 )
-from hemexp.cohort import CLINICAL_NAMES
-from hemexp.errors import PatientInputError
-from hemexp.utils import write_json
 
 
 def synthetic_table(n_train=60, n_test=30, seed=0):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from hemexp.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, validate_config
+from hemexp.core.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, validate_config
 
 
 @pytest.fixture()
@@ -20,7 +20,7 @@ def test_shipped_configs_validate(name):
 
 def test_cohort72_overlay_validates_on_top_of_the_default():
     """config/cohort72.yaml is a --configfile overlay: merged onto config.yaml it must still validate."""
-    from hemexp.tracking import flatten
+    from hemexp.tracking.runs import flatten
 
     overlay = yaml.safe_load((REPO_ROOT / "config" / "cohort72.yaml").read_text())
     cfg = load_config(DEFAULT_CONFIG, flatten(overlay))  # leaf by leaf, as Snakemake merges --configfile

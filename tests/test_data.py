@@ -11,9 +11,9 @@ import torch
 from test_shards import SHAPE, make_volumes, write_patient
 from torch.utils.data import DataLoader
 
-from hemexp.cohort import clinical_vector
-from hemexp.data import BalancedSampler, SliceDataset, patient_dataset, step_slices_from_config
+from hemexp.core.clinical import clinical_vector
 from hemexp.io.shards import slice_image
+from hemexp.vae.data import BalancedSampler, SliceDataset, patient_dataset, step_slices_from_config
 
 H, W = SHAPE[1], SHAPE[0]
 

@@ -12,10 +12,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from hemexp.synth.anatomy import draw_anatomy
-from hemexp.synth.cohort import save_nifti
-from hemexp.synth.dicom_writer import affine_to_lps_geometry, write_dicom_series
-from hemexp.synth.scan import draw_geometry, render_scan
+from hemexp.cohort.synth.anatomy import draw_anatomy
+from hemexp.cohort.synth.cohort import save_nifti
+from hemexp.cohort.synth.dicom_writer import affine_to_lps_geometry, write_dicom_series
+from hemexp.cohort.synth.scan import draw_geometry, render_scan
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from hemexp.errors import PatientInputError
+from hemexp.core.errors import PatientInputError
 from hemexp.io.dicom import series_info
 from hemexp.io.ingest import load_ct
 from hemexp.io.nifti import save_nifti

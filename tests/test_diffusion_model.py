@@ -6,9 +6,9 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from hemexp.config import load_config
-from hemexp.models.conditioning import ConditionEmbedding, pack_condition
-from hemexp.models.diffusion import (
+from hemexp.core.config import load_config
+from hemexp.diffusion.conditioning import ConditionEmbedding, pack_condition
+from hemexp.diffusion.model import (
     ConditionalLatentUNet,
     ddim_sample,
     ddim_scheduler,

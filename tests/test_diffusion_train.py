@@ -13,8 +13,9 @@ import torch
 import yaml
 from test_latents import as_arrays, fake_latents, tiny_vae
 
-from hemexp.config import load_config
-from hemexp.latents import (
+from hemexp.core.config import load_config
+from hemexp.core.files import write_json
+from hemexp.diffusion.latents import (
     PatientLatents,
     compute_stats,
     latent_path,
@@ -23,15 +24,14 @@ from hemexp.latents import (
     stats_path,
     vae_path,
 )
-from hemexp.models.diffusion import load_diffusion, model_config, scheduler_config
-from hemexp.train.diffusion import (
+from hemexp.diffusion.model import load_diffusion, model_config, scheduler_config
+from hemexp.diffusion.train import (
     BalancedStepBatchSampler,
     DiffusionModule,
     LatentPairs,
     fit_diffusion,
     grid_items,
 )
-from hemexp.utils import write_json
 
 torch.set_num_threads(1)
 UNET = {"channels": [16, 32], "attention_levels": [False, False], "num_res_blocks": 1, "num_head_channels": 8,
@@ -229,7 +229,7 @@ def test_train_diffusion_command_writes_model_grid_summary_and_mlflow_run(tmp_pa
     import mlflow
 
     from hemexp.cli import main
-    from hemexp.tracking import tracking_uri
+    from hemexp.tracking.runs import tracking_uri
 
     cfg, path = _cohort(tmp_path)
     assert main(["train-diffusion", "2.5D3-ice", "--config", str(path)]) == 0

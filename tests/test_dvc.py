@@ -23,8 +23,8 @@ from workflow_helpers import (
     write_manifest,
 )
 
-from hemexp.config import load_config
-from hemexp.tracking import data_version
+from hemexp.core.config import load_config
+from hemexp.tracking.runs import data_version
 
 COPY = ["Snakefile", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "data/README.md",
         "rules", "config", "report", "envs", "hemexp"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_dicom_series import AXIAL, write_series
 
-from hemexp.errors import PatientInputError
+from hemexp.core.errors import PatientInputError
 from hemexp.io.ingest import load_ct, load_mask
 from hemexp.io.nifti import save_nifti
 
@@ -77,7 +77,7 @@ def test_dicom_and_nifti_of_same_volume_agree(tmp_path: Path) -> None:
 
 def test_synthetic_cohort_dicom_writer_round_trip(tmp_path: Path) -> None:
     """The cohort simulator's DICOM writer and this reader agree on geometry and HU conventions."""
-    writer = pytest.importorskip("hemexp.synth.dicom_writer")
+    writer = pytest.importorskip("hemexp.cohort.synth.dicom_writer")
     hu = phantom_hu()
     affine = las_affine(hu.shape)
     writer.write_dicom_series(hu, affine, tmp_path / "dcm", "P01", "HEAD", rescale_intercept=-1024.0)

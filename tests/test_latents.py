@@ -2,7 +2,7 @@
 2.5D context rows, and the ``hemexp encode`` / ``latent-stats`` commands.
 
 Shards are built with the real shard writer from tiny synthetic volumes; the VAE is a tiny, randomly
-initialised :class:`hemexp.models.vae.MultiHeadVAE` (encoding is deterministic, training is not needed).
+initialised :class:`hemexp.vae.model.MultiHeadVAE` (encoding is deterministic, training is not needed).
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import pytest
 import torch
 import yaml
 
-from hemexp.cohort import clinical_vector
-from hemexp.config import load_config
-from hemexp.data import patient_dataset
-from hemexp.io.shards import patient_table, write_shard
-from hemexp.latents import (
+from hemexp.core.clinical import clinical_vector
+from hemexp.core.config import load_config
+from hemexp.diffusion.latents import (
     PatientLatents,
     compute_stats,
     denormalise,
@@ -30,7 +28,9 @@ from hemexp.latents import (
     stats_path,
     vae_path,
 )
-from hemexp.models.vae import MultiHeadVAE
+from hemexp.io.shards import patient_table, write_shard
+from hemexp.vae.data import patient_dataset
+from hemexp.vae.model import MultiHeadVAE
 
 HU_WINDOW = (0.0, 100.0)
 CLINICAL = {"onset_to_ct_h": 2.0, "baseline_iph_ml": 12.0, "anticoagulant": 1.0, "antiplatelet": 0.0,

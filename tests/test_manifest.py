@@ -7,15 +7,9 @@ import pandas as pd
 import pytest
 
 from hemexp.cli import main
-from hemexp.cohort import (
-    CLINICAL_NAMES,
-    IMAGE_COLUMNS,
-    ManifestError,
-    clinical_vector,
-    is_expansion,
-    mask_volume_ml,
-    read_manifest,
-)
+from hemexp.cohort.manifest import IMAGE_COLUMNS, read_manifest
+from hemexp.core.clinical import CLINICAL_NAMES, clinical_vector, is_expansion, mask_volume_ml
+from hemexp.core.errors import ManifestError
 
 
 def _row(pid: str, split: str = "train", **over) -> dict:

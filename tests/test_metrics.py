@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import binary_erosion
 from scipy.spatial import cKDTree
 
-from hemexp.metrics import (
+from hemexp.evaluation.metrics import (
     absolute_volume_error_ml,
     assd_mm,
     coverage,

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from workflow_helpers import VENV_BIN, manifest_config, write_config, write_manifest
 
-from hemexp.compare import comparison_table, render
-from hemexp.config import config_hash
-from hemexp.tracking import RUN_ID_FILE, log_to_model_run, start_run
+from hemexp.core.config import config_hash
+from hemexp.tracking.compare import comparison_table, render
+from hemexp.tracking.runs import RUN_ID_FILE, log_to_model_run, start_run
 
 
 def _free_port() -> int:
@@ -108,7 +108,7 @@ def test_runs_are_tagged_and_artifacts_served(tracked_cfg, tmp_path, mlflow_serv
 
 
 def test_data_version_is_the_dvc_hash_when_raw_data_is_tracked(tmp_path):
-    from hemexp.tracking import data_version
+    from hemexp.tracking.runs import data_version
 
     cfg = manifest_config(write_manifest(tmp_path / "raw" / "manifest.tsv", ["TR01"], ["TE01"]))
     assert data_version(cfg).startswith("manifest:")
@@ -162,7 +162,7 @@ def _write_tiny_shards(cfg: dict, patients: list[tuple[str, str]], size: int = 3
     """Shards of 32x32 slices (a brain ellipse with a hematoma disc), enough for a 2-step VAE run."""
     import numpy as np
 
-    from hemexp.cohort import CLINICAL_NAMES
+    from hemexp.core.clinical import CLINICAL_NAMES
     from hemexp.io.shards import patient_table, write_shard
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size

@@ -14,9 +14,7 @@ import pytest
 import yaml
 
 from hemexp import cli
-from hemexp.config import ConfigError, load_config, validate_config
-from hemexp.errors import PatientInputError
-from hemexp.nnunet import (
+from hemexp.baselines.nnunet.dataset import (
     CHANNEL_NAMES,
     LABELS,
     dataset_json,
@@ -27,6 +25,8 @@ from hemexp.nnunet import (
     layout,
     prediction_to_masks,
 )
+from hemexp.core.config import ConfigError, load_config, validate_config
+from hemexp.core.errors import PatientInputError
 
 SHAPE = (32, 32, 12)
 AFFINE = np.array([[3.0, 0, 0, -48], [0, 3.0, 0, -60], [0, 0, 3.0, -20], [0, 0, 0, 1]])
@@ -182,7 +182,7 @@ def test_schema_folds_and_baselines(tmp_path):
 
 
 def test_env_file_pins_torch_first_and_nnunet_version():
-    from hemexp.nnunet_run import pip_requirements
+    from hemexp.baselines.nnunet.run import pip_requirements
 
     pins = pip_requirements()
     assert pins[0] == "torch==2.13.0" and "nnunetv2==2.8.1" in pins
@@ -217,7 +217,7 @@ def test_rules_adding_a_test_patient_never_retrains_nnunet(tmp_path):
 
 def test_active_baselines_select_configurations():
     """The rule family hangs on this: no nnU-Net baseline listed -> no nnU-Net rule at all."""
-    from hemexp.nnunet import active_baselines
+    from hemexp.baselines.nnunet.dataset import active_baselines
 
     assert active_baselines({"baselines": ["copy"]}) == {}
     assert active_baselines({"baselines": ["copy", "nnunet_3d"]}) == {"nnunet_3d": "3d_fullres"}
@@ -228,7 +228,7 @@ def test_active_baselines_select_configurations():
 @pytest.fixture(scope="module")
 def nnunet_env():
     """nnU-Net's own venv (.venv-nnunet), built on first use; skipped when it cannot be built here."""
-    from hemexp.nnunet_run import NnunetEnvError, nnunet_bin
+    from hemexp.baselines.nnunet.run import NnunetEnvError, nnunet_bin
 
     try:
         return nnunet_bin(load_config())

@@ -15,7 +15,7 @@ import yaml
 from test_register import _rotation, head_phantom
 
 from hemexp.cli import main
-from hemexp.config import load_config
+from hemexp.core.config import load_config
 from hemexp.io.nifti import make_image
 
 SPACING = (3.0, 3.0, 4.0)  # anisotropic native scans, like thick-slice clinical CT

@@ -130,7 +130,7 @@ SCCT = "/work/shared/data/ct_template/scct_unsmooth_SS_0.01.nii.gz"
 def real_template():
     from pathlib import Path
 
-    from hemexp.config import load_config
+    from hemexp.core.config import load_config
     from hemexp.preprocess.template import load_template
 
     if not Path(SCCT).is_file():
@@ -143,7 +143,7 @@ def real_template():
 @pytest.mark.parametrize("config_file", ["config/config.yaml", "config/paper.yaml"])
 def test_configured_grid_covers_real_template_brain(real_template, config_file):
     """The demo and paper crops keep the whole brain of the real CT template, and z spans it."""
-    from hemexp.config import load_config
+    from hemexp.core.config import load_config
     from hemexp.preprocess.grid import brain_coverage, model_grid
 
     template, mask = real_template

@@ -3,7 +3,7 @@ it needs and scale 0 is the null-embedding model, η > 0 matches MONAI's step, c
 
 Models are tiny random networks (MONAI U-Net / AutoencoderKL with 4-16 channels): the properties
 tested are about the sampler's bookkeeping, not about what a trained model generates. The helpers
-here (tiny models, a synthetic preprocessed patient) are reused by test_reassemble and test_simulate.
+here (tiny models, a synthetic preprocessed patient) are reused by test_sampling_products and test_simulate.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from hemexp.models.diffusion import build_model, save_diffusion, scheduler_config
-from hemexp.models.vae import MultiHeadVAE, VAEConfig
-from hemexp.sampling import (
+from hemexp.diffusion.model import build_model, save_diffusion, scheduler_config
+from hemexp.sampling.sampler import (
     ModelBundle,
     SamplerSettings,
     auto_chunk_size,
@@ -30,6 +29,7 @@ from hemexp.sampling import (
     sample_deltas,
     sampled_slices,
 )
+from hemexp.vae.model import MultiHeadVAE, VAEConfig
 
 torch.set_num_threads(1)
 LATENT_C = 2
@@ -73,7 +73,7 @@ def tiny_bundle(conditioning: str = "ice", context: int = 1) -> ModelBundle:
 
 def save_tiny_models(models: Path, variants: dict[str, tuple[str, int]], results: Path | None = None) -> None:
     """``models/vae/vae.pt``, ``models/diffusion/{v}/model.pt`` and ``<results>/latents/stats.json``."""
-    from hemexp.utils import write_json
+    from hemexp.core.files import write_json
 
     tiny_vae().save(models / "vae" / "vae.pt")
     for name, (cond, ctx) in variants.items():
@@ -171,7 +171,7 @@ def test_sample_noise_is_keyed_by_sample_and_slice_not_batch_composition():
 
 def _reference_loop(model, baseline, clinical, flags, seed, slices, drop: bool, steps=4):
     """One-item-at-a-time DDIM with a fixed clinical branch (null when ``drop``), same noise keys."""
-    from hemexp.models.diffusion import ddim_scheduler
+    from hemexp.diffusion.model import ddim_scheduler
 
     sched = ddim_scheduler(SCHED, steps)
     out = torch.empty(len(flags), len(slices), LATENT_C, 8, 8)
@@ -228,7 +228,7 @@ def test_no_null_branch_compute_at_scale_one_or_without_clinical_branch():
 
 
 def test_eta_step_equals_monai_step_with_the_same_noise():
-    from hemexp.models.diffusion import ddim_scheduler
+    from hemexp.diffusion.model import ddim_scheduler
 
     sched = ddim_scheduler(SCHED, 10)
     x, v = torch.randn(2, LATENT_C, 8, 8), torch.randn(2, LATENT_C, 8, 8)
@@ -243,7 +243,7 @@ def test_eta_step_equals_monai_step_with_the_same_noise():
 
 
 def test_auto_chunk_size_follows_free_memory(monkeypatch):
-    import hemexp.sampling as smp
+    import hemexp.sampling.sampler as smp
 
     model = tiny_diffusion()
     measured = smp.row_bytes(model, (LATENT_C, 8, 8), torch.device("cpu"))
@@ -281,7 +281,7 @@ def test_generate_followups_shapes_masks_and_window():
 
 
 def test_settings_from_config_and_overrides():
-    from hemexp.config import load_config
+    from hemexp.core.config import load_config
 
     cfg = load_config()
     s = SamplerSettings.from_config(cfg["sampling"], steps=7, seed=None)
@@ -289,7 +289,7 @@ def test_settings_from_config_and_overrides():
 
 
 def test_load_bundle_roundtrip(tmp_path):
-    from hemexp.sampling import load_bundle
+    from hemexp.sampling.sampler import load_bundle
 
     save_tiny_models(tmp_path / "models", {"2D-ice": ("ice", 1)})
     b = load_bundle(tmp_path / "models/vae/vae.pt", tmp_path / "models/diffusion/2D-ice/model.pt",

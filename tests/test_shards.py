@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hemexp.cohort import CLINICAL_NAMES
+from hemexp.core.clinical import CLINICAL_NAMES
 from hemexp.io.shards import (
     IMAGE_COLUMNS,
     column_images,

@@ -15,9 +15,9 @@ import yaml
 from test_sampling import CLINICAL, save_tiny_models, synthetic_baseline, write_patient_dir
 
 from hemexp.cli import main
-from hemexp.cohort import mask_volume_ml
-from hemexp.perturbation import apply_scenario
-from hemexp.simulate import clinical_values, parse_assignments, scenario_from_sets
+from hemexp.core.clinical import mask_volume_ml
+from hemexp.sampling.scenarios import apply_scenario
+from hemexp.sampling.simulate import clinical_values, parse_assignments, scenario_from_sets
 
 N = 3
 

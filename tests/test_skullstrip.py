@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hemexp.errors import PatientInputError
+from hemexp.core.errors import PatientInputError
 from hemexp.preprocess import skullstrip
 from hemexp.preprocess.skullstrip import apply_mask, brain_mask
 
@@ -120,9 +120,9 @@ def test_builtin_is_orientation_independent() -> None:
 
 @pytest.mark.parametrize("thickness", [2.5, 5.0])
 def test_builtin_on_simulated_cohort_head(thickness: float) -> None:
-    """The synthetic cohort's head (hemexp.synth): intracranial space recovered with Dice >= 0.95."""
-    anatomy = pytest.importorskip("hemexp.synth.anatomy")
-    scan = pytest.importorskip("hemexp.synth.scan")
+    """The synthetic cohort's head (hemexp.cohort.synth): intracranial space recovered with Dice >= 0.95."""
+    anatomy = pytest.importorskip("hemexp.cohort.synth.anatomy")
+    scan = pytest.importorskip("hemexp.cohort.synth.scan")
     rng = np.random.default_rng(11)
     anat = anatomy.draw_anatomy(rng, 70.0)
     geom = scan.draw_geometry(rng, anat, 112, 2.0, (thickness, thickness))
@@ -155,9 +155,9 @@ def test_peel_removes_boundary_connected_bone_only() -> None:
 def test_thick_slice_skull_rim_is_peeled_and_cortical_hematoma_kept(monkeypatch) -> None:
     """5 mm slices of the synthetic cohort average inner-table bone into brain voxels (~450 HU)
     at the vertex and skull base; the peel must remove that rim but keep a clot reaching the cortex."""
-    anatomy = pytest.importorskip("hemexp.synth.anatomy")
-    scan = pytest.importorskip("hemexp.synth.scan")
-    lesion_mod = pytest.importorskip("hemexp.synth.lesion")
+    anatomy = pytest.importorskip("hemexp.cohort.synth.anatomy")
+    scan = pytest.importorskip("hemexp.cohort.synth.scan")
+    lesion_mod = pytest.importorskip("hemexp.cohort.synth.lesion")
     rng = np.random.default_rng(3)
     anat = anatomy.draw_anatomy(rng, 70.0)
     lesion = lesion_mod.draw_lesion(rng, anat, 40.0, 3.0, location="lobar", side="R")

@@ -22,7 +22,7 @@ from workflow_helpers import (
     write_manifest,
 )
 
-from hemexp.workflow import rule_resources
+from hemexp.workflow.resources import rule_resources
 
 
 class _Resources(dict):

@@ -13,14 +13,15 @@ import pytest
 import yaml
 
 from hemexp.cli import main
-from hemexp.cohort import CLINICAL_NAMES, is_expansion, mask_volume_ml, read_manifest
-from hemexp.config import load_config
-from hemexp.synth import anatomy as A
-from hemexp.synth import law as L
-from hemexp.synth.cohort import CohortCheckError, check_cohort, synthesize
-from hemexp.synth.fields import Ellipsoid, LocalGrid, patient_rng, random_rotation
-from hemexp.synth.lesion import compress_ventricles, displace, draw_lesion, followup_field
-from hemexp.synth.scan import Blood, draw_geometry, rasterize, render_scan
+from hemexp.cohort.manifest import read_manifest
+from hemexp.cohort.synth import anatomy as A
+from hemexp.cohort.synth import law as L
+from hemexp.cohort.synth.cohort import CohortCheckError, check_cohort, synthesize
+from hemexp.cohort.synth.fields import Ellipsoid, LocalGrid, patient_rng, random_rotation
+from hemexp.cohort.synth.lesion import compress_ventricles, displace, draw_lesion, followup_field
+from hemexp.cohort.synth.scan import Blood, draw_geometry, rasterize, render_scan
+from hemexp.core.clinical import CLINICAL_NAMES, is_expansion, mask_volume_ml
+from hemexp.core.config import load_config
 
 DEFAULT_LAW = load_config(None)["cohort"]["synthetic"]["law"]
 REFERENCE = {"onset_to_ct_h": 2.0, "baseline_iph_ml": 12.0, "anticoagulant": 0.0, "antiplatelet": 0.0,
@@ -264,7 +265,7 @@ def test_cohort_check_rejects_a_split_outside_the_fraction() -> None:
 
 
 def test_config_with_inconsistent_patient_count_is_rejected(tmp_path: Path) -> None:
-    from hemexp.config import ConfigError
+    from hemexp.core.config import ConfigError
 
     cfg = _small_config(tmp_path)
     cfg["cohort"]["synthetic"]["n_patients"] = 5

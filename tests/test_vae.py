@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hemexp.models.losses import (
+from hemexp.vae.fidelity import fidelity_table, reconstruct, slice_metrics, to_markdown
+from hemexp.vae.figures import reconstruction_figure
+from hemexp.vae.losses import (
     LocalPerceptualLoss,
     LossWeights,
     VAELoss,
@@ -16,14 +18,7 @@ from hemexp.models.losses import (
     kl_loss,
     warmup_weight,
 )
-from hemexp.models.vae import MultiHeadVAE, VAEConfig, load_vae
-from hemexp.vae_eval import (
-    fidelity_table,
-    reconstruct,
-    reconstruction_figure,
-    slice_metrics,
-    to_markdown,
-)
+from hemexp.vae.model import MultiHeadVAE, VAEConfig, load_vae
 
 torch.set_num_threads(1)
 TINY = VAEConfig(channels=(8, 16, 16), num_res_blocks=1, latent_channels=4, norm_num_groups=4)
@@ -142,7 +137,7 @@ def _resnet_weights(tmp_path, spatial_dims: int = 2, bare: bool = False):
 
 
 def test_perceptual_off_without_weights_logs_one_line(caplog):
-    with caplog.at_level(logging.INFO, logger="hemexp.models.losses"):
+    with caplog.at_level(logging.INFO, logger="hemexp.vae.losses"):
         loss = VAELoss(weights(perceptual_weights=None))
     assert loss.perceptual is None
     lines = [r.getMessage() for r in caplog.records if "perceptual" in r.getMessage()]
@@ -154,7 +149,7 @@ def test_perceptual_off_without_weights_logs_one_line(caplog):
 
 def test_perceptual_on_with_local_weights(tmp_path, caplog):
     path = _resnet_weights(tmp_path)
-    with caplog.at_level(logging.INFO, logger="hemexp.models.losses"):
+    with caplog.at_level(logging.INFO, logger="hemexp.vae.losses"):
         loss = VAELoss(weights(perceptual_weights=str(path)))
     assert isinstance(loss.perceptual, LocalPerceptualLoss)
     assert any("perceptual loss on" in r.getMessage() for r in caplog.records)

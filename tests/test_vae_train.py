@@ -13,10 +13,10 @@ import torch
 import yaml
 from test_vae import discs
 
-from hemexp.config import DEFAULT_CONFIG
-from hemexp.models.vae import MultiHeadVAE
-from hemexp.train import common
-from hemexp.train.vae import VAESlices, fit_vae, random_affine, resize_slices, resolution_at
+from hemexp.core.config import DEFAULT_CONFIG
+from hemexp.engine import trainer as common
+from hemexp.vae.model import MultiHeadVAE
+from hemexp.vae.train import VAESlices, fit_vae, random_affine, resize_slices, resolution_at
 
 torch.set_num_threads(1)
 QUIET = {"enable_progress_bar": False}
@@ -38,7 +38,7 @@ def tiny_cfg(**overrides) -> dict:
 
 
 class Rows(torch.utils.data.Dataset):
-    """Stands in for hemexp.data.SliceDataset (context 1): baseline and follow-up triples."""
+    """Stands in for hemexp.vae.data.SliceDataset (context 1): baseline and follow-up triples."""
 
     def __init__(self, n: int = 6):
         self.bl, self.fu = discs(n, seed=1), discs(n, seed=2)
@@ -175,7 +175,7 @@ def test_resume_refuses_a_checkpoint_of_another_setup(tmp_path):
 
 # ------------------------------------------------------------------------------- entry points, MLflow
 def _write_shards(cfg: dict, pids_splits: list[tuple[str, str, str]]) -> None:
-    from hemexp.cohort import CLINICAL_NAMES
+    from hemexp.core.clinical import CLINICAL_NAMES
     from hemexp.io.shards import patient_table, write_shard
 
     for k, (pid, site, split) in enumerate(pids_splits):
@@ -206,10 +206,10 @@ def pipeline_cfg(tmp_path, monkeypatch):
 def test_train_and_eval_entry_points_track_in_mlflow(pipeline_cfg):
     import mlflow
 
-    from hemexp.models.vae import load_vae
-    from hemexp.tracking import RUN_ID_FILE, tracking_uri
-    from hemexp.train.vae import train_vae
-    from hemexp.vae_eval import evaluate_vae
+    from hemexp.tracking.runs import RUN_ID_FILE, tracking_uri
+    from hemexp.vae.fidelity import evaluate_vae
+    from hemexp.vae.model import load_vae
+    from hemexp.vae.train import train_vae
 
     cfg = pipeline_cfg
     model_path = train_vae(cfg)

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hemexp.cohort import CLINICAL_NAMES, IMAGE_COLUMNS
+from hemexp.cohort.manifest import IMAGE_COLUMNS
+from hemexp.core.clinical import CLINICAL_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "Snakefile"

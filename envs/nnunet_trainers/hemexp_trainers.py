@@ -1,6 +1,6 @@
 """HemExp's entry in nnU-Net v2's trainer folder: short trainers, and the short variants made findable.
 
-This file is copied by ``hemexp.nnunet_run.install_trainer_plugin`` into
+This file is copied by ``hemexp.baselines.nnunet.run.install_trainer_plugin`` into
 ``nnunetv2/training/nnUNetTrainer/`` of the nnU-Net environment (the folder that nnU-Net documents as
 the place for custom trainers). It runs there, never inside HemExp's own environment.
 

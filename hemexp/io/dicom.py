@@ -34,7 +34,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from hemexp.errors import PatientInputError
+from hemexp.core.errors import PatientInputError
 
 log = logging.getLogger(__name__)
 

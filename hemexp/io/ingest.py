@@ -1,7 +1,7 @@
 """Ingest: a raw CT (DICOM folder or NIfTI file) or hemorrhage mask -> canonical RAS+ NIfTI image.
 
 This is the boundary where site data becomes pipeline data, so every problem with a patient's input
-surfaces here as a :class:`~hemexp.errors.PatientInputError` naming patient, file and problem, and
+surfaces here as a :class:`~hemexp.core.errors.PatientInputError` naming patient, file and problem, and
 every image leaves in one convention: RAS+ closest-canonical orientation (``nib.as_closest_canonical``),
 CT float32 HU clipped to ``HU_RANGE``, masks uint8 {0, 1} on exactly the CT's grid.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from hemexp.errors import PatientInputError
+from hemexp.core.errors import PatientInputError
 from hemexp.io.dicom import load_dicom_folder
 from hemexp.io.masks import MaskFormatError, binarise_mask, grid_mismatch
 from hemexp.io.nifti import canonical, is_nifti_path, make_image, read_volume, spacing_mm

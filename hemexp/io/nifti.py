@@ -2,7 +2,7 @@
 
 Reading validates what nibabel does not: that the file exists, decompresses completely (a truncated
 ``.nii.gz`` loads lazily and only fails when the voxels are read), is a 3D volume and holds finite
-numbers. Writing goes through :func:`hemexp.utils.atomic_path` and blanks every free-text header
+numbers. Writing goes through :func:`hemexp.core.files.atomic_path` and blanks every free-text header
 field (``descrip``, ``aux_file``, ``intent_name``, ``db_name``) and drops header extensions, so no
 DICOM-derived text (or anything else identifying) can ride along into a product.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from hemexp.errors import PatientInputError
-from hemexp.utils import atomic_path
+from hemexp.core.errors import PatientInputError
+from hemexp.core.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Header fields that can carry free text; cleared on every write.

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hemexp.cohort import CLINICAL_NAMES
-from hemexp.utils import atomic_path
+from hemexp.core.clinical import CLINICAL_NAMES
+from hemexp.core.files import atomic_path
 
 CT_COLUMNS = ("bl_ct", "fu_ct")
 MASK_COLUMNS = ("bl_iph", "bl_ivh", "fu_iph", "fu_ivh")

@@ -19,8 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from hemexp.core.files import write_json
 from hemexp.io.nifti import make_image
-from hemexp.utils import write_json
 
 # Slices of padding above and below the template brain, so partial-volume edges are never cut.
 Z_PAD_SLICES = 1

@@ -3,7 +3,7 @@
 Three steps, three commands (``hemexp ingest|preprocess|shard {p}``), because a template built from
 training baselines needs those patients' ingest outputs before any patient can be registered.
 Each step writes its whole output folder/file atomically, so a failure leaves nothing behind, and
-every input problem is a :class:`~hemexp.errors.PatientInputError` naming patient, file and problem.
+every input problem is a :class:`~hemexp.core.errors.PatientInputError` naming patient, file and problem.
 
 Layout (``R`` = results_dir): ``R/ingested/{p}/`` {bl,fu}_ct (canonical HU), {bl,fu}_{iph,ivh},
 brain_{bl,fu}, ingest.json; ``R/preprocessed/{p}/`` {bl,fu}_{ct,iph,ivh}, brain_{bl,fu} on the model
@@ -21,11 +21,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from hemexp.cohort import CLINICAL_NAMES, is_expansion, mask_volume_ml, read_manifest
-from hemexp.errors import PatientInputError
+from hemexp.cohort.manifest import read_manifest
+from hemexp.core.clinical import CLINICAL_NAMES, is_expansion, mask_volume_ml
+from hemexp.core.errors import PatientInputError
+from hemexp.core.files import atomic_dir, read_json, write_json
+from hemexp.core.layout import manifest_path
 from hemexp.io.nifti import make_image, save_nifti, spacing_mm
-from hemexp.utils import atomic_dir, read_json, write_json
-from hemexp.workflow import manifest_path
 
 TIMEPOINTS = {"bl": "baseline", "fu": "followup"}
 KINDS = ("iph", "ivh")

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hemexp.utils import save_figure  # noqa: E402
+from hemexp.core.files import save_figure  # noqa: E402
 
 N_SLICES = 6
 CHECKER_TILES = 8

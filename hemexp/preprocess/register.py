@@ -26,9 +26,9 @@ import ants  # ITK's one-thread default is already set: hemexp/__init__ runs bef
 import nibabel as nib
 import numpy as np
 
+from hemexp.core.files import read_json, write_json
 from hemexp.io.nifti import make_image
 from hemexp.preprocess.grid import ModelGrid
-from hemexp.utils import read_json, write_json
 
 # nibabel affines map voxels to RAS+ mm, ITK/ANTs uses LPS+: flip the first two physical axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

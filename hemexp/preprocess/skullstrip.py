@@ -41,7 +41,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from hemexp.errors import PatientInputError
+from hemexp.core.errors import PatientInputError
 from hemexp.io.nifti import canonical, make_image, save_nifti, spacing_mm
 
 log = logging.getLogger(__name__)

@@ -1,1 +1,0 @@
-"""CLI subcommands, one module per pipeline stage; each exposes ``register(subparsers)``."""

@@ -1,0 +1,101 @@
+"""Preprocessing commands: ingest, build-template, preprocess, shard (one patient per call, but the template).
+
+Each per-patient command is wrapped by :func:`hemexp.core.commands.patient_stage`, so bad input is
+recorded for ``results/qc/failures.tsv`` and exits 1 with one line naming patient, file and problem.
+ANTs and the imaging stack are imported inside the handlers to keep ``hemexp --help`` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from hemexp.core.commands import add_config_arg, config_from, patient_stage
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, func, text in (
+        ("ingest", _ingest, "load + check + skull-strip one patient's raw CT/masks -> results/ingested/{p}/"),
+        ("preprocess", _preprocess, "register + resample/crop + QC one ingested patient -> results/preprocessed/{p}/"),
+        ("shard", _shard, "write one preprocessed patient's slice shard -> results/shards/{p}.parquet"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("patient", help="patient ID (manifest patient_id)")
+        add_config_arg(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("build-template", help="build the CT template from training baselines (preprocess.template: null)")
+    p.add_argument("--patients", nargs="+", required=True,
+                   help="patient IDs whose ingested baselines build the template (the rule passes the first "
+                        "preprocess.template_n_patients sorted training IDs)")
+    add_config_arg(p)
+    p.set_defaults(func=_build_template)
+
+
+def _template_guard(func):
+    """A missing/unusable template is a configuration problem: one line, exit 2, no traceback."""
+
+    def run(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+        from hemexp.preprocess.template import TemplateError
+
+        try:
+            func(args, cfg)
+        except TemplateError as err:
+            print(f"hemexp {args.command}: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+
+    return run
+
+
+@patient_stage("ingest")
+def _ingest(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from hemexp.preprocess.pipeline import ingest_patient
+
+    info = ingest_patient(cfg, args.patient)
+    v = info["volumes_ml"]
+    print(f"{args.patient}: ingested; IPH {v['baseline']['iph']:.2f} -> {v['followup']['iph']:.2f} mL")
+
+
+@patient_stage("preprocess")
+@_template_guard
+def _preprocess(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from hemexp.preprocess.pipeline import preprocess_patient
+
+    summary = preprocess_patient(cfg, args.patient)
+    for warning in summary["warnings"]:
+        print(f"{args.patient}: warning: {warning}", file=sys.stderr)
+    print(f"{args.patient}: preprocessed; brain Dice {summary['registration']['brain_dice']:.3f}, "
+          f"expansion={int(summary['expansion'])}")
+
+
+@patient_stage("shard")
+def _shard(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from hemexp.preprocess.pipeline import shard_patient
+
+    print(f"{args.patient}: wrote {shard_patient(cfg, args.patient)}")
+
+
+def _build_template(args: argparse.Namespace) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    from hemexp.io.nifti import make_image
+    from hemexp.preprocess.pipeline import ingested_dir
+    from hemexp.preprocess.template import build_template, write_template
+
+    cfg = config_from(args)
+    if cfg["preprocess"]["template"]:
+        print("hemexp build-template: preprocess.template is set; nothing to build", file=sys.stderr)
+        return 2
+    brains, masks = [], []
+    for pid in sorted(args.patients):
+        src = ingested_dir(cfg, pid)
+        ct, brain = nib.load(str(src / "bl_ct.nii.gz")), nib.load(str(src / "brain_bl.nii.gz"))
+        mask = np.asarray(brain.dataobj) > 0
+        brains.append(make_image(np.asarray(ct.dataobj, np.float32) * mask, ct.affine))
+        masks.append(make_image(mask.astype(np.uint8), ct.affine))
+    template, mask = build_template(brains, masks, cfg["preprocess"]["registration_mm"], cfg["seed"])
+    path, mask_path = write_template(template, mask, cfg)
+    print(f"template from {len(brains)} baselines: {path} ({mask_path})")
+    return 0

@@ -1,0 +1,422 @@
+"""Batched DDIM sampling of follow-up latents with classifier-free guidance on the clinical branch.
+
+A patient's follow-up is N samples × S axial slices (the baseline IPH z-extent ± ``sampling.z_margin_mm``).
+Every (sample, slice) *item* runs the whole DDIM chain; items go through the U-Net in chunks of up to
+``chunk_size`` batch rows (``sampling.chunk_size``, or derived from free memory — see
+:func:`auto_chunk_size`), so a patient needs ``ceil(rows / chunk) × steps`` U-Net calls instead of
+``N × S × steps``.
+
+Guidance (paper §2.4, Ho & Salimans 2022) acts on the model's v-prediction:
+``v = v_null + s · (v_cond − v_null)``; s = 0 is the null clinical embedding, 1 the conditional model,
+> 1 stronger. Only the branches a scale needs are run: s = 1 (or a variant without a clinical branch)
+runs the conditional rows only, s = 0 the null rows only, anything else both — as one batch of 2B rows.
+
+Reproducibility: every item owns a ``torch.Generator`` seeded from (seed, sample index, slice index z)
+(:func:`item_generators`). Its initial noise is drawn before chunking and, for η > 0, its per-step noise
+comes from the same generator, so a sample gets the same noise whatever the chunk size (and whatever
+other slices or samples are drawn alongside it). A rerun with the same chunk size is bit-identical;
+across chunk sizes the results agree up to the float rounding of batch-size-dependent U-Net kernels
+(~1e-6 per call on CPU; oneDNN/cuDNN choose blockings by batch size). MONAI's ``DDIMScheduler.step`` draws η-noise for the
+whole batch from one generator, which would tie the noise to the chunking; for η > 0
+:func:`ddim_step` therefore takes MONAI's x0 prediction and adds the per-item noise itself (DDIM
+eq. 12 with σ from MONAI's ``_get_variance``). η = 0 uses MONAI's step unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hemexp.core.files import read_json
+from hemexp.core.runtime import get_logger
+from hemexp.diffusion.conditioning import N_CLINICAL
+from hemexp.diffusion.latents import check_stats, denormalise, normalise
+from hemexp.diffusion.model import ConditionalLatentUNet, ddim_scheduler
+from hemexp.io.shards import slice_image
+
+log = get_logger(__name__)
+MAX_CHUNK_ROWS = 4096  # beyond this a bigger batch buys nothing on any current accelerator
+Progress = Callable[[int, int], None]  # (U-Net calls done, calls in total)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample: DDIM steps, η, guidance scale, seed, chunking and numeric precision.
+
+    ``chunk_size``: U-Net batch rows per call (a guided item costs two rows); None = derived from free
+    memory. ``precision``: 'auto' (bf16 autocast on CUDA, float32 on CPU), '32' or 'bf16'.
+    """
+
+    steps: int = 100
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    seed: int = 0
+    chunk_size: int | None = None
+    precision: str = "auto"
+    memory_fraction: float = 0.5
+    decode_batch: int = 64
+
+    @classmethod
+    def from_config(cls, sampling_cfg: dict[str, Any], **overrides: Any) -> SamplerSettings:
+        """Settings from the ``sampling`` config section; ``overrides`` that are not None win."""
+        values = {"steps": sampling_cfg["ddim_steps"], "eta": sampling_cfg["eta"],
+                  "guidance_scale": sampling_cfg["guidance_scale"], "seed": sampling_cfg["seed"],
+                  "chunk_size": sampling_cfg["chunk_size"], "precision": sampling_cfg.get("precision", "auto"),
+                  "memory_fraction": sampling_cfg.get("memory_fraction", 0.5)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def branches(model: ConditionalLatentUNet, guidance_scale: float) -> tuple[str, ...]:
+    """The U-Net branches a guidance scale needs: ('cond',), ('null',) or ('cond', 'null')."""
+    if guidance_scale < 0:
+        raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
+    if not model.uses_clinical or guidance_scale == 1.0:
+        return ("cond",)
+    if guidance_scale == 0.0:
+        return ("null",)
+    return ("cond", "null")
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def item_generators(seed: int, sample_ids: Sequence[int], slice_ids: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per (sample, slice) item, sample-major, seeded from (seed, sample, slice z)."""
+    gens = []
+    for k in sample_ids:
+        for z in slice_ids:
+            state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(k), int(z)]).generate_state(2, np.uint32)
+            gens.append(torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1))
+    return gens
+
+
+def draw(gens: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """One standard-normal tensor of ``shape`` per generator, stacked: ``[len(gens), *shape]``."""
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+# ----------------------------------------------------------------------------- chunk size
+
+
+def _forward_rows(model: ConditionalLatentUNet, rows: int, latent_shape: tuple[int, int, int],
+                  device: torch.device, precision: str) -> None:
+    c, h, w = latent_shape
+    x = torch.zeros(rows, c, h, w, device=device)
+    base = torch.zeros(rows, c * model.context, h, w, device=device)
+    t = torch.zeros(rows, dtype=torch.long, device=device)
+    clin = torch.zeros(rows, N_CLINICAL, device=device)
+    flag = torch.zeros(rows, dtype=torch.long, device=device)
+    with torch.inference_mode(), autocast(device, precision):
+        model(x, t, base, clin, flag)
+
+
+def row_bytes(model: ConditionalLatentUNet, latent_shape: tuple[int, int, int], device: torch.device,
+              precision: str = "auto") -> int:
+    """Measured memory of one U-Net batch row.
+
+    CUDA: the slope of peak allocated memory between probe batches of 1 and 8 rows (fixed workspace
+    cancels out; the 8-row peak per row when allocator rounding hides the slope). CPU: the bytes of every module output of a one-row forward pass (forward hooks) — an
+    upper bound on the peak, because inference frees intermediate activations as it goes.
+    """
+    if device.type == "cuda":
+        peaks = []
+        for rows in (1, 8):
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            _forward_rows(model, rows, latent_shape, device, precision)
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - start)
+        slope = (peaks[1] - peaks[0]) / 7
+        return max(1, int(math.ceil(slope if slope > 0 else peaks[1] / 8)))
+    total = [0]
+
+    def hook(_module: torch.nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        _forward_rows(model, 1, latent_shape, device, precision)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, total[0])
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory where the U-Net runs: ``torch.cuda.mem_get_info`` on GPU, psutil on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def auto_chunk_size(model: ConditionalLatentUNet, latent_shape: tuple[int, int, int], device: torch.device,
+                    memory_fraction: float = 0.5, max_rows: int = MAX_CHUNK_ROWS, precision: str = "auto") -> int:
+    """U-Net rows per call that fit ``memory_fraction`` of the free memory, in [1, ``max_rows``]."""
+    per_row = row_bytes(model, latent_shape, device, precision)
+    rows = int(free_bytes(device) * memory_fraction // per_row)
+    chunk = max(1, min(rows, int(max_rows)))
+    log.info("chunk size %d rows (%.1f MB per row measured on %s)", chunk, per_row / 1e6, device)
+    return chunk
+
+
+# ----------------------------------------------------------------------------- DDIM
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for 'bf16', or for 'auto' on CUDA; a no-op otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def guided_v(model: ConditionalLatentUNet, x: torch.Tensor, t: torch.Tensor, baseline: torch.Tensor,
+             clinical: torch.Tensor, flag: torch.Tensor, scale: float, which: tuple[str, ...]) -> torch.Tensor:
+    """Guided v-prediction ``v_null + scale (v_cond − v_null)`` from the branches in ``which`` (float32)."""
+    b = x.shape[0]
+    if len(which) == 1:
+        drop = torch.full((b,), which[0] == "null", dtype=torch.bool, device=x.device)
+        return model(x, t, baseline, clinical, flag, drop).float()
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+    two = [torch.cat([a, a]) for a in (x, t, baseline, clinical, flag)]
+    v_cond, v_null = model(*two, drop).float().chunk(2)
+    return v_null + scale * (v_cond - v_null)
+
+
+def ddim_step(sched: Any, v: torch.Tensor, t: int, x: torch.Tensor, eta: float,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """x_{t-1} from x_t: MONAI's ``DDIMScheduler.step`` for η = 0; for η > 0 MONAI's x0 prediction and
+    DDIM eq. 12 with the caller's per-item ``noise`` (see module docstring for why)."""
+    if eta == 0.0:
+        return sched.step(v, t, x)[0]
+    _, x0 = sched.step(v, t, x, eta=0.0)
+    prev = t - sched.num_train_timesteps // sched.num_inference_steps
+    a_t = sched.alphas_cumprod[t].to(x.device, x.dtype)
+    a_prev = (sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod).to(x.device, x.dtype)
+    sigma = eta * sched._get_variance(t, prev).to(x.device, x.dtype).sqrt()
+    eps = (x - a_t.sqrt() * x0) / (1.0 - a_t).sqrt()
+    return a_prev.sqrt() * x0 + (1.0 - a_prev - sigma**2).sqrt() * eps + sigma * noise.to(x.device, x.dtype)
+
+
+@torch.no_grad()
+def sample_deltas(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], baseline: torch.Tensor,
+                  clinical: torch.Tensor, flags: Sequence[int], settings: SamplerSettings,
+                  slice_ids: Sequence[int] | None = None, sample_ids: Sequence[int] | None = None,
+                  progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Normalised Δz of N samples × S slices, ``[N, S, C, h, w]`` float32 on CPU, and run info.
+
+    ``baseline`` ``[S, C*context, h, w]``: normalised baseline latents of each slice's context;
+    ``clinical`` ``[7]`` (all samples) or ``[N, 7]`` (one row per sample, e.g. perturbation scenarios
+    batched as samples); ``flags`` ``[N]``; ``slice_ids`` (default 0..S-1) and ``sample_ids`` (default
+    0..N-1) key the per-item noise.
+    """
+    device = next(model.parameters()).device
+    n, s = len(flags), baseline.shape[0]
+    slice_ids = list(range(s)) if slice_ids is None else list(slice_ids)
+    sample_ids = list(range(n)) if sample_ids is None else list(sample_ids)
+    clinical = clinical.float().reshape(-1, clinical.shape[-1])
+    if clinical.shape[0] == 1:
+        clinical = clinical.expand(n, -1)
+    if clinical.shape[0] != n or len(slice_ids) != s or len(sample_ids) != n:
+        raise ValueError("clinical rows, slice_ids and sample_ids must match flags and baseline slices")
+    shape = (model.latent_channels, *baseline.shape[-2:])
+    which = branches(model, settings.guidance_scale)
+    rows_per_item = len(which)
+    chunk_rows = settings.chunk_size or auto_chunk_size(model, shape, device, settings.memory_fraction,
+                                                        precision=settings.precision)
+    chunk = max(1, chunk_rows // rows_per_item)
+    gens = item_generators(settings.seed, sample_ids, slice_ids)
+    noise = draw(gens, shape)  # [N*S, C, h, w], sample-major: drawn before chunking
+    item_sample = np.repeat(np.arange(n), s)
+    item_slice = np.tile(np.arange(s), n)
+    flag_t = torch.as_tensor(np.asarray(flags, dtype=np.int64))
+    sched = ddim_scheduler(sched_cfg, settings.steps)
+    out = torch.empty((n * s, *shape), dtype=torch.float32)
+    starts = range(0, n * s, chunk)
+    total_calls, calls = len(starts) * len(sched.timesteps), 0
+    t0 = time.perf_counter()
+    for start in starts:
+        idx = np.arange(start, min(start + chunk, n * s))
+        x = noise[idx].to(device)
+        base = baseline[item_slice[idx]].to(device)
+        clin = clinical[item_sample[idx]].to(device)
+        flag = flag_t[item_sample[idx]].to(device)
+        if device.type == "cuda":
+            x, base = x.contiguous(memory_format=torch.channels_last), base.contiguous(memory_format=torch.channels_last)
+        for t in sched.timesteps:
+            tt = torch.full((len(idx),), int(t), dtype=torch.long, device=device)
+            with autocast(device, settings.precision):
+                v = guided_v(model, x, tt, base, clin, flag, settings.guidance_scale, which)
+            step_noise = draw([gens[i] for i in idx], shape) if settings.eta > 0 else None
+            x = ddim_step(sched, v, int(t), x.float(), settings.eta, step_noise)
+            calls += 1
+            if progress is not None:
+                progress(calls, total_calls)
+        out[idx] = x.float().cpu()
+    info = {"chunk_rows": int(chunk * rows_per_item), "branches": list(which), "unet_calls": calls,
+            "items": n * s, "seconds": time.perf_counter() - t0}
+    return out.reshape(n, s, *shape), info
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelBundle:
+    """Everything sampling needs: frozen VAE, diffusion U-Net (EMA), variant info, schedule, latent stats."""
+
+    vae: Any
+    diffusion: ConditionalLatentUNet
+    info: dict[str, Any]
+    sched_cfg: dict[str, Any]
+    stats: dict[str, Any]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def step_slices(self) -> int:
+        return int(self.info.get("step_slices", 1))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_bundle(vae_path: str | Path, diffusion_path: str | Path, stats_path: str | Path,
+                device: str | torch.device | None = None) -> ModelBundle:
+    """Load the frozen VAE, one diffusion variant and the latent statistics onto ``device``."""
+    from hemexp.diffusion.model import load_diffusion
+    from hemexp.vae.model import load_vae
+
+    device = torch.device(device) if device is not None else default_device()
+    vae = load_vae(vae_path, map_location=device)
+    model, info, sched_cfg = load_diffusion(diffusion_path, map_location=device)
+    stats = read_json(stats_path)
+    check_stats(stats, model.latent_channels)
+    if vae.latent_channels != model.latent_channels:
+        raise ValueError(f"VAE has {vae.latent_channels} latent channels, diffusion model {model.latent_channels}")
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return ModelBundle(vae=vae, diffusion=model, info=info, sched_cfg=sched_cfg, stats=stats, device=device)
+
+
+# ----------------------------------------------------------------------------- slices
+
+
+def sampled_slices(bl_iph: np.ndarray, spacing_z: float, margin_mm: float) -> np.ndarray:
+    """Slice indices to sample: the baseline IPH z-extent ± ``margin_mm`` (whole slices), clamped to the grid.
+
+    Only the baseline is known at inference, so the follow-up z-range cannot be used here.
+    """
+    hits = np.flatnonzero(np.asarray(bl_iph).any(axis=(0, 1)))
+    if len(hits) == 0:
+        raise ValueError("baseline IPH mask is empty on the model grid")
+    pad = int(math.floor(margin_mm / spacing_z + 1e-6))
+    return np.arange(max(0, hits[0] - pad), min(bl_iph.shape[2], hits[-1] + pad + 1))
+
+
+def context_slices(zs: np.ndarray, context: int, step: int, nz: int) -> np.ndarray:
+    """``[S, context]`` slice indices of each sampled slice's 2.5D context (z order), clamped to the grid."""
+    half = context // 2
+    offsets = step * np.arange(-half, half + 1)
+    return np.clip(np.asarray(zs)[:, None] + offsets[None, :], 0, nz - 1)
+
+
+def window(ct_hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+    """HU -> [0, 1] through ``hu_window`` (the VAE's input scaling, as :class:`hemexp.vae.data.SliceDataset`)."""
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    return np.clip((np.asarray(ct_hu, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def unwindow(ct01: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+    """[0, 1] VAE CT -> HU (clamped to the window first: the VAE never saw values outside it)."""
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    return (np.clip(ct01, 0.0, 1.0) * (hi - lo) + lo).astype(np.float32)
+
+
+def slice_stack(ct_hu: np.ndarray, iph: np.ndarray, ivh: np.ndarray, zs: Sequence[int],
+                hu_window: Sequence[float]) -> np.ndarray:
+    """VAE inputs ``[n, 3, H, W]`` (windowed CT, IPH, IVH) of slices ``zs`` in the shard image layout."""
+    return np.stack([np.stack([window(slice_image(ct_hu, z), hu_window), slice_image(iph, z).astype(np.float32),
+                               slice_image(ivh, z).astype(np.float32)]) for z in zs])
+
+
+@torch.no_grad()
+def encode(vae: Any, images: np.ndarray, device: torch.device, batch: int = 64) -> torch.Tensor:
+    """Posterior-mean latents ``[n, C, h, w]`` (CPU float32) of VAE inputs ``[n, 3, H, W]``."""
+    out = [vae.encode_mean(torch.from_numpy(images[i:i + batch]).to(device)).float().cpu()
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(vae: Any, z: torch.Tensor, device: torch.device, threshold: float,
+           batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Latents ``[M, C, h, w]`` -> (CT in [0, 1], IPH mask, IVH mask), each ``[M, H, W]``; masks are
+    sigmoid(logit) > ``threshold`` as uint8."""
+    ct, iph, ivh = [], [], []
+    for i in range(0, len(z), batch):
+        out = vae.decode(z[i:i + batch].to(device))
+        ct.append(out["ct"][:, 0].float().clamp(0.0, 1.0).cpu().numpy())
+        iph.append((torch.sigmoid(out["iph_logits"][:, 0].float()) > threshold).cpu().numpy().astype(np.uint8))
+        ivh.append((torch.sigmoid(out["ivh_logits"][:, 0].float()) > threshold).cpu().numpy().astype(np.uint8))
+    return np.concatenate(ct), np.concatenate(iph), np.concatenate(ivh)
+
+
+@dataclass
+class FollowupSlices:
+    """Decoded follow-up samples on the sampled slices: ``ct_hu``, ``iph``, ``ivh`` ``[N, S, H, W]``."""
+
+    zs: np.ndarray
+    flags: tuple[int, ...]
+    ct_hu: np.ndarray
+    iph: np.ndarray
+    ivh: np.ndarray
+    info: dict[str, Any]
+
+
+def generate_followups(bundle: ModelBundle, baseline: dict[str, np.ndarray], spacing_z: float,
+                       clinical: np.ndarray, flags: Sequence[int], settings: SamplerSettings,
+                       z_margin_mm: float, mask_threshold: float, hu_window: Sequence[float],
+                       progress: Progress | None = None, sample_ids: Sequence[int] | None = None) -> FollowupSlices:
+    """Sample N follow-ups of one patient from its model-grid baseline (``ct`` HU, ``iph``, ``ivh``).
+
+    Encode the sampled slices and their context with the frozen VAE, draw normalised Δz, decode
+    ``denormalise(normalise(z_bl) + Δz)`` and threshold the mask heads. ``clinical`` is ``[7]`` or one
+    row per sample ``[N, 7]``; ``sample_ids`` key the noise (default 0..N-1; equal ids = common noise).
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = bundle.diffusion
+    zs = sampled_slices(baseline["iph"], spacing_z, z_margin_mm)
+    ctx = context_slices(zs, model.context, bundle.step_slices, baseline["iph"].shape[2])
+    needed = np.unique(ctx)
+    images = slice_stack(baseline["ct"], baseline["iph"], baseline["ivh"], needed, hu_window)
+    z_bl = normalise(encode(bundle.vae, images, bundle.device, settings.decode_batch), bundle.stats)
+    row = {int(z): i for i, z in enumerate(needed)}
+    cond = torch.stack([z_bl[[row[int(z)] for z in c]].flatten(0, 1) for c in ctx])
+    centre = z_bl[[row[int(z)] for z in zs]]
+    timings["encode_s"] = time.perf_counter() - t0
+    delta, run = sample_deltas(model, bundle.sched_cfg, cond, torch.as_tensor(np.asarray(clinical, np.float32)),
+                               flags, settings, slice_ids=zs, sample_ids=sample_ids, progress=progress)
+    timings["sample_s"] = run.pop("seconds")
+    t1 = time.perf_counter()
+    z_fu = denormalise(centre.unsqueeze(0) + delta, bundle.stats).flatten(0, 1)
+    ct01, iph, ivh = decode(bundle.vae, z_fu, bundle.device, mask_threshold, settings.decode_batch)
+    timings["decode_s"] = time.perf_counter() - t1
+    n, s = len(flags), len(zs)
+    shape = (n, s, *ct01.shape[1:])
+    return FollowupSlices(zs=zs, flags=tuple(int(f) for f in flags), ct_hu=unwindow(ct01, hu_window).reshape(shape),
+                          iph=iph.reshape(shape), ivh=ivh.reshape(shape),
+                          info={**run, "timings_s": timings, "device": str(bundle.device)})

@@ -1,1 +1,0 @@
-"""Lightning training: shared plumbing (:mod:`hemexp.train.common`) and one module per model."""

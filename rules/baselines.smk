@@ -1,0 +1,154 @@
+# nnU-Net v2 baselines (paper Table 2: nnUNet-2D, nnUNet-3D), active only when config `baselines`
+# lists nnunet_2d / nnunet_3d: export the training split as an nnU-Net raw dataset -> plan and
+# preprocess (2d + 3d_fullres) -> train each fold (GPU) -> per test patient: export to imagesTs,
+# predict (ensemble of the folds), iph/ivh masks on the model grid that evaluation scores like one
+# HemExp sample. Training depends on training patients only: adding a test patient adds its own jobs.
+#
+# nnU-Net lives in its own environment (docs/nnunet.md): the plan/train/predict rules declare
+# envs/nnunet.yaml for `--sw-deployment-method conda`; there the job's PATH leads to nnU-Net's CLI, and
+# HemExp itself is run by $HEMEXP_PYTHON, the interpreter that parses this workflow (it has hemexp: the
+# Snakefile imports it; every job process re-parses the workflow and sets it again). An environment
+# variable rather than a rule parameter, so a different launcher path never retrains nnU-Net, and
+# rather than `hemexp` on PATH, which `conda activate` may drop. Without conda, hemexp builds and uses
+# .venv-nnunet.
+import re
+
+from hemexp.core.config import config_hash
+from hemexp.baselines.nnunet.dataset import IMAGE_FILES, LABEL_FILES, active_baselines, heldout_image_paths
+from hemexp.baselines.nnunet.dataset import layout as nnunet_layout
+from hemexp.baselines.nnunet.run import set_hemexp_python
+
+NNUNET_BASELINES = active_baselines(config)  # e.g. {"nnunet_2d": "2d", "nnunet_3d": "3d_fullres"}
+
+if NNUNET_BASELINES and TEST:
+    NNUNET = nnunet_layout(config)
+    NNUNET_ENV = "../envs/nnunet.yaml"
+    set_hemexp_python()  # $HEMEXP_PYTHON runs HemExp inside jobs whose environment is nnU-Net's
+    NNUNET_TRAINER = config["nnunet"]["trainer"]
+    NNUNET_FOLDS = [str(f) for f in config["nnunet"]["folds"]]
+    NNUNET_TEST_RE = "|".join(re.escape(p) for p in TEST)
+
+    rule nnunet_export:
+        """The training split as nnU-Net raw dataset: imagesTr, labelsTr (follow-up labels), dataset.json."""
+        input:
+            [f"{RESULTS}/preprocessed/{p}/{f}.nii.gz" for p in TRAIN for f in IMAGE_FILES + LABEL_FILES],
+        output:
+            images=directory(str(NNUNET.raw_dataset / "imagesTr")),
+            labels=directory(str(NNUNET.raw_dataset / "labelsTr")),
+            dataset_json=str(NNUNET.raw_dataset / "dataset.json"),
+        params:
+            train=config_hash({"train": TRAIN}),
+            config=RESOLVED_CONFIG,
+        resources:
+            **R("nnunet_export"),
+        conda:
+            HEMEXP_ENV
+        log:
+            f"{RESULTS}/logs/nnunet/export.log",
+        shell:
+            "hemexp nnunet-export --config {params.config} > {log} 2>&1"
+
+    rule nnunet_export_test:
+        """One test patient's baseline CT/IPH/IVH as imagesTs/<p>_0000..0002 (per patient: adding a test
+        patient re-plans nothing)."""
+        input:
+            [f"{RESULTS}/preprocessed/{{patient}}/{f}.nii.gz" for f in IMAGE_FILES],
+        output:
+            [str(p) for p in heldout_image_paths(config, "{patient}")],
+        params:
+            config=RESOLVED_CONFIG,
+        wildcard_constraints:
+            patient=NNUNET_TEST_RE,
+        resources:
+            **R("nnunet_export"),
+        conda:
+            HEMEXP_ENV
+        log:
+            f"{RESULTS}/logs/nnunet/export_test_{{patient}}.log",
+        shell:
+            "hemexp nnunet-export-test {wildcards.patient} --config {params.config} > {log} 2>&1"
+
+    rule nnunet_plan:
+        """nnUNetv2_plan_and_preprocess for 2d and 3d_fullres, plus nnU-Net's seeded 5-fold split."""
+        input:
+            rules.nnunet_export.output,
+        output:
+            directory(str(NNUNET.preprocessed_dataset)),
+        params:
+            config=RESOLVED_CONFIG,
+        resources:
+            **R("plan_nnunet"),
+        conda:
+            NNUNET_ENV
+        log:
+            f"{RESULTS}/logs/nnunet/plan.log",
+        shell:
+            "\"$HEMEXP_PYTHON\" -m hemexp.cli nnunet-plan --config {params.config} > {log} 2>&1"
+
+    rule nnunet_train:
+        """nnUNetv2_train one configuration and fold (GPU when available, else -device cpu)."""
+        input:
+            rules.nnunet_plan.output,
+        output:
+            directory(str(NNUNET.fold_dir(NNUNET_TRAINER, "{configuration}", "{fold}"))),
+        params:
+            device=config["nnunet"]["device"],
+            config=RESOLVED_CONFIG,
+        wildcard_constraints:
+            configuration="2d|3d_fullres",
+            fold="all|[0-4]",
+        resources:
+            **R("train_nnunet"),
+        conda:
+            NNUNET_ENV
+        log:
+            f"{RESULTS}/logs/nnunet/train_{{configuration}}_fold{{fold}}.log",
+        shell:
+            "\"$HEMEXP_PYTHON\" -m hemexp.cli nnunet-train {wildcards.configuration} {wildcards.fold} --config {params.config} > {log} 2>&1"
+
+    rule nnunet_predict:
+        """nnUNetv2_predict one test patient with every configured fold (their ensemble)."""
+        input:
+            images=[str(p) for p in heldout_image_paths(config, "{patient}")],
+            folds=[str(NNUNET.fold_dir(NNUNET_TRAINER, "{configuration}", f)) for f in NNUNET_FOLDS],
+        output:
+            str(NNUNET.prediction("{configuration}", "{patient}")),
+        params:
+            tta=config["nnunet"]["tta"],
+            config=RESOLVED_CONFIG,
+        wildcard_constraints:
+            configuration="2d|3d_fullres",
+            patient=NNUNET_TEST_RE,
+        resources:
+            **R("predict_nnunet"),
+        conda:
+            NNUNET_ENV
+        log:
+            f"{RESULTS}/logs/nnunet/predict_{{configuration}}_{{patient}}.log",
+        shell:
+            "\"$HEMEXP_PYTHON\" -m hemexp.cli nnunet-predict {wildcards.configuration} {wildcards.patient} --config {params.config} > {log} 2>&1"
+
+    rule nnunet_masks:
+        """One test patient's nnU-Net label map as iph/ivh masks (uint8, model grid) for evaluation."""
+        input:
+            prediction=lambda w: str(NNUNET.prediction(NNUNET_BASELINES[w.baseline], w.patient)),
+            reference=f"{RESULTS}/preprocessed/{{patient}}/bl_ct.nii.gz",
+        output:
+            iph=f"{RESULTS}/baselines/{{baseline}}/{{patient}}/iph.nii.gz",
+            ivh=f"{RESULTS}/baselines/{{baseline}}/{{patient}}/ivh.nii.gz",
+        params:
+            config=RESOLVED_CONFIG,
+        wildcard_constraints:
+            baseline="|".join(NNUNET_BASELINES),
+            patient=NNUNET_TEST_RE,
+        resources:
+            **R("nnunet_masks"),
+        conda:
+            HEMEXP_ENV
+        log:
+            f"{RESULTS}/logs/nnunet/masks_{{baseline}}_{{patient}}.log",
+        shell:
+            "hemexp nnunet-masks {wildcards.baseline} {wildcards.patient} --config {params.config} > {log} 2>&1"
+
+    FINAL_TARGETS += [f"{RESULTS}/baselines/{b}/{p}/{m}.nii.gz" for b in NNUNET_BASELINES for p in TEST
+                      for m in ("iph", "ivh")]
