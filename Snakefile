@@ -1,11 +1,11 @@
 # HemExp workflow: raw DICOM/NIfTI -> preprocessing -> slice shards -> multi-head VAE -> latents ->
 # conditional latent diffusion of follow-up progression -> samples, maps, metrics and the report.
-# Rules are thin: each calls one `hemexp <subcommand>`; the logic lives in the `hemexp` package.
+# Rules are thin: each calls one `hemexp <subcommand>`; the logic lives in the `hemexp` package
+# (rules/<stage>.smk -> hemexp/<stage>/cli.py), and every path comes from hemexp.core.layout.
 from snakemake.utils import min_version
 
-from hemexp.core.config import sampled_variants, validate_config, variants
-from hemexp.core.layout import manifest_path
-from hemexp.cohort.patients import patients
+from hemexp.core.config import validate_config
+from hemexp.workflow.report import build_report
 
 min_version("9.0")
 
@@ -17,15 +17,6 @@ report: "report/workflow.rst"
 
 
 validate_config(config, source="workflow config")  # every problem at once, before any job runs
-
-RESULTS = config["results_dir"]
-PATIENTS = {p.patient_id: p for p in patients(config)}
-TRAIN = sorted(pid for pid, p in PATIENTS.items() if p.split == "train")
-TEST = sorted(pid for pid, p in PATIENTS.items() if p.split == "test")
-VARIANTS = list(variants(config))
-SAMPLED = sampled_variants(config)
-MANIFEST = str(manifest_path(config))
-FINAL_TARGETS = []  # each rules/*.smk appends the products that `snakemake` (rule all) must build
 
 
 include: "rules/common.smk"
@@ -46,7 +37,9 @@ rule all:
 
 onsuccess:
     shell(f"hemexp failures --results {RESULTS}")
-    build_report(workflow, REPORT)  # <results>/report.html after a full run (hemexp.evaluation.run)
+    build_report(
+        workflow, str(L.report)
+    )  # <results>/report.html after a full run (hemexp.workflow.report)
 
 
 onerror:

@@ -31,20 +31,20 @@ if NNUNET_BASELINES and TEST:
     rule nnunet_export:
         """The training split as nnU-Net raw dataset: imagesTr, labelsTr (follow-up labels), dataset.json."""
         input:
-            [f"{RESULTS}/preprocessed/{p}/{f}.nii.gz" for p in TRAIN for f in IMAGE_FILES + LABEL_FILES],
+            [f for p in TRAIN for f in preprocessed(p, [f"{f}.nii.gz" for f in IMAGE_FILES + LABEL_FILES])],
         output:
             images=directory(str(NNUNET.raw_dataset / "imagesTr")),
             labels=directory(str(NNUNET.raw_dataset / "labelsTr")),
             dataset_json=str(NNUNET.raw_dataset / "dataset.json"),
+        log:
+            str(L.log("nnunet", "export")),
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("nnunet_export"),
         params:
             train=config_hash({"train": TRAIN}),
             config=RESOLVED_CONFIG,
-        resources:
-            **R("nnunet_export"),
-        conda:
-            HEMEXP_ENV
-        log:
-            f"{RESULTS}/logs/nnunet/export.log",
         shell:
             "hemexp nnunet-export --config {params.config} > {log} 2>&1"
 
@@ -52,19 +52,19 @@ if NNUNET_BASELINES and TEST:
         """One test patient's baseline CT/IPH/IVH as imagesTs/<p>_0000..0002 (per patient: adding a test
         patient re-plans nothing)."""
         input:
-            [f"{RESULTS}/preprocessed/{{patient}}/{f}.nii.gz" for f in IMAGE_FILES],
+            preprocessed("{patient}", [f"{f}.nii.gz" for f in IMAGE_FILES]),
         output:
             [str(p) for p in heldout_image_paths(config, "{patient}")],
-        params:
-            config=RESOLVED_CONFIG,
+        log:
+            str(L.log("nnunet", "export_test_{patient}")),
         wildcard_constraints:
             patient=NNUNET_TEST_RE,
-        resources:
-            **R("nnunet_export"),
         conda:
             HEMEXP_ENV
-        log:
-            f"{RESULTS}/logs/nnunet/export_test_{{patient}}.log",
+        resources:
+            **R("nnunet_export_test"),
+        params:
+            config=RESOLVED_CONFIG,
         shell:
             "hemexp nnunet-export-test {wildcards.patient} --config {params.config} > {log} 2>&1"
 
@@ -74,16 +74,16 @@ if NNUNET_BASELINES and TEST:
             rules.nnunet_export.output,
         output:
             directory(str(NNUNET.preprocessed_dataset)),
-        params:
-            config=RESOLVED_CONFIG,
-        resources:
-            **R("plan_nnunet"),
+        log:
+            str(L.log("nnunet", "plan")),
         conda:
             NNUNET_ENV
-        log:
-            f"{RESULTS}/logs/nnunet/plan.log",
+        resources:
+            **R("nnunet_plan"),
+        params:
+            config=RESOLVED_CONFIG,
         shell:
-            "\"$HEMEXP_PYTHON\" -m hemexp.cli nnunet-plan --config {params.config} > {log} 2>&1"
+            '"$HEMEXP_PYTHON" -m hemexp.cli nnunet-plan --config {params.config} > {log} 2>&1'
 
     rule nnunet_train:
         """nnUNetv2_train one configuration and fold (GPU when available, else -device cpu)."""
@@ -91,20 +91,20 @@ if NNUNET_BASELINES and TEST:
             rules.nnunet_plan.output,
         output:
             directory(str(NNUNET.fold_dir(NNUNET_TRAINER, "{configuration}", "{fold}"))),
-        params:
-            device=config["nnunet"]["device"],
-            config=RESOLVED_CONFIG,
+        log:
+            str(L.log("nnunet", "train_{configuration}_fold{fold}")),
         wildcard_constraints:
             configuration="2d|3d_fullres",
             fold="all|[0-4]",
-        resources:
-            **R("train_nnunet"),
         conda:
             NNUNET_ENV
-        log:
-            f"{RESULTS}/logs/nnunet/train_{{configuration}}_fold{{fold}}.log",
+        resources:
+            **R("nnunet_train"),
+        params:
+            device=config["nnunet"]["device"],
+            config=RESOLVED_CONFIG,
         shell:
-            "\"$HEMEXP_PYTHON\" -m hemexp.cli nnunet-train {wildcards.configuration} {wildcards.fold} --config {params.config} > {log} 2>&1"
+            '"$HEMEXP_PYTHON" -m hemexp.cli nnunet-train {wildcards.configuration} {wildcards.fold} --config {params.config} > {log} 2>&1'
 
     rule nnunet_predict:
         """nnUNetv2_predict one test patient with every configured fold (their ensemble)."""
@@ -113,42 +113,46 @@ if NNUNET_BASELINES and TEST:
             folds=[str(NNUNET.fold_dir(NNUNET_TRAINER, "{configuration}", f)) for f in NNUNET_FOLDS],
         output:
             str(NNUNET.prediction("{configuration}", "{patient}")),
-        params:
-            tta=config["nnunet"]["tta"],
-            config=RESOLVED_CONFIG,
+        log:
+            str(L.log("nnunet", "predict_{configuration}_{patient}")),
         wildcard_constraints:
             configuration="2d|3d_fullres",
             patient=NNUNET_TEST_RE,
-        resources:
-            **R("predict_nnunet"),
         conda:
             NNUNET_ENV
-        log:
-            f"{RESULTS}/logs/nnunet/predict_{{configuration}}_{{patient}}.log",
+        resources:
+            **R("nnunet_predict"),
+        params:
+            tta=config["nnunet"]["tta"],
+            config=RESOLVED_CONFIG,
         shell:
-            "\"$HEMEXP_PYTHON\" -m hemexp.cli nnunet-predict {wildcards.configuration} {wildcards.patient} --config {params.config} > {log} 2>&1"
+            '"$HEMEXP_PYTHON" -m hemexp.cli nnunet-predict {wildcards.configuration} {wildcards.patient} --config {params.config} > {log} 2>&1'
 
     rule nnunet_masks:
         """One test patient's nnU-Net label map as iph/ivh masks (uint8, model grid) for evaluation."""
         input:
             prediction=lambda w: str(NNUNET.prediction(NNUNET_BASELINES[w.baseline], w.patient)),
-            reference=f"{RESULTS}/preprocessed/{{patient}}/bl_ct.nii.gz",
+            reference=preprocessed("{patient}", ["bl_ct.nii.gz"])[0],
         output:
-            iph=f"{RESULTS}/baselines/{{baseline}}/{{patient}}/iph.nii.gz",
-            ivh=f"{RESULTS}/baselines/{{baseline}}/{{patient}}/ivh.nii.gz",
-        params:
-            config=RESOLVED_CONFIG,
+            iph=str(L.baseline_masks("{baseline}", "{patient}") / "iph.nii.gz"),
+            ivh=str(L.baseline_masks("{baseline}", "{patient}") / "ivh.nii.gz"),
+        log:
+            str(L.log("nnunet", "masks_{baseline}_{patient}")),
         wildcard_constraints:
             baseline="|".join(NNUNET_BASELINES),
             patient=NNUNET_TEST_RE,
-        resources:
-            **R("nnunet_masks"),
         conda:
             HEMEXP_ENV
-        log:
-            f"{RESULTS}/logs/nnunet/masks_{{baseline}}_{{patient}}.log",
+        resources:
+            **R("nnunet_masks"),
+        params:
+            config=RESOLVED_CONFIG,
         shell:
             "hemexp nnunet-masks {wildcards.baseline} {wildcards.patient} --config {params.config} > {log} 2>&1"
 
-    FINAL_TARGETS += [f"{RESULTS}/baselines/{b}/{p}/{m}.nii.gz" for b in NNUNET_BASELINES for p in TEST
-                      for m in ("iph", "ivh")]
+    FINAL_TARGETS += [
+        str(L.baseline_masks(b, p) / f"{m}.nii.gz")
+        for b in NNUNET_BASELINES
+        for p in TEST
+        for m in ("iph", "ivh")
+    ]

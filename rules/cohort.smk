@@ -6,21 +6,27 @@ if config["cohort"]["source"] == "synthetic":
         """Simulate the synthetic ICH cohort: raw DICOM/NIfTI, manifest, clinical table, truth.json."""
         output:
             manifest=MANIFEST,
-            clinical=f"{RESULTS}/raw/clinical.tsv",
-            truth=f"{RESULTS}/raw/truth.json",
-            scans=[directory(p.inputs[c]) if not p.inputs[c].endswith(".gz") else p.inputs[c]
-                   for p in PATIENTS.values() for c in ("baseline_ct", "followup_ct")],
-            masks=[p.inputs[c] for p in PATIENTS.values()
-                   for c in ("baseline_iph", "baseline_ivh", "followup_iph", "followup_ivh")],
+            clinical=str(L.synthetic_clinical),
+            truth=str(L.truth),
+            scans=[
+                directory(p.inputs[c]) if not p.inputs[c].endswith(".gz") else p.inputs[c]
+                for p in PATIENTS.values()
+                for c in ("baseline_ct", "followup_ct")
+            ],
+            masks=[
+                p.inputs[c]
+                for p in PATIENTS.values()
+                for c in ("baseline_iph", "baseline_ivh", "followup_iph", "followup_ivh")
+            ],
+        log:
+            str(L.log("synth")),
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("synth"),
         params:
             cfg=cfg_hash("cohort"),
             config=RESOLVED_CONFIG,
-        resources:
-            **R("synth"),
-        conda:
-            HEMEXP_ENV
-        log:
-            f"{RESULTS}/logs/synth.log",
         shell:
             "hemexp synth --config {params.config} > {log} 2>&1"
 
@@ -30,13 +36,13 @@ rule validate_manifest:
     input:
         MANIFEST,
     output:
-        f"{RESULTS}/cohort/manifest_check.json",
-    resources:
-        **R("validate_manifest"),
+        str(L.manifest_check),
+    log:
+        str(L.log("validate_manifest")),
     conda:
         HEMEXP_ENV
-    log:
-        f"{RESULTS}/logs/validate_manifest.log",
+    resources:
+        **R("validate_manifest"),
     shell:
         "hemexp validate-manifest {input} --out {output} > {log} 2>&1"
 
@@ -47,16 +53,16 @@ rule cohort_table:
         manifest=MANIFEST,
         check=rules.validate_manifest.output,
     output:
-        csv=f"{RESULTS}/cohort/table1.csv",
-        md=report(f"{RESULTS}/cohort/table1.md", category="1. Cohort", caption="../report/cohort.rst"),
-    params:
-        config=RESOLVED_CONFIG,
-    resources:
-        **R("cohort_table"),
+        csv=str(L.table1("csv")),
+        md=report(str(L.table1("md")), category="1. Cohort", caption="../report/cohort.rst"),
+    log:
+        str(L.log("cohort_table")),
     conda:
         HEMEXP_ENV
-    log:
-        f"{RESULTS}/logs/cohort_table.log",
+    resources:
+        **R("cohort_table"),
+    params:
+        config=RESOLVED_CONFIG,
     shell:
         "hemexp cohort-table {input.manifest} --config {params.config} --csv {output.csv} --md {output.md} > {log} 2>&1"
 

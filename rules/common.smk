@@ -1,12 +1,54 @@
-# Shared by every rules file: the resolved config that jobs read, and per-section hashes that make a
-# rule rerun exactly when the config keys it depends on change (Snakemake's `params` rerun trigger).
-from hemexp.core.config import config_hash
-from hemexp.cohort.patients import PATIENT_ID_PATTERN
-from hemexp.workflow.resources import rule_resources
+# Shared by every rules file, and the only names one rules file may take from another: the cohort,
+# the result layout (every path comes from hemexp.core.layout, so a rule and the code writing its
+# output cannot spell it differently), model and sample paths, the resolved config that jobs read,
+# per-section hashes that make a rule rerun exactly when the config keys it depends on change
+# (Snakemake's `params` rerun trigger), and per-rule cluster resources.
+import re
+
+from hemexp.cohort.patients import PATIENT_ID_PATTERN, patients
+from hemexp.core.config import config_hash, sampled_variants, variants
+from hemexp.core.layout import PREPROCESSED_FILES, Layout, manifest_path, map_files, sample_files
+from hemexp.sampling.flags import flag_source_passes
 from hemexp.workflow.resolved_config import write_resolved_config
+from hemexp.workflow.resources import rule_resources
+
+L = Layout.of(config)
+RESULTS = config["results_dir"]
+PATIENTS = {p.patient_id: p for p in patients(config)}
+TRAIN = sorted(pid for pid, p in PATIENTS.items() if p.split == "train")
+TEST = sorted(pid for pid, p in PATIENTS.items() if p.split == "test")
+VARIANTS = list(variants(config))
+SAMPLED = sampled_variants(config)
+MANIFEST = str(manifest_path(config))
+FINAL_TARGETS = []  # each rules/*.smk appends the products that `snakemake` (rule all) must build
 
 RESOLVED_CONFIG = write_resolved_config(config)  # pass to jobs as `params: config=RESOLVED_CONFIG`
 HEMEXP_ENV = "../envs/hemexp.yaml"  # `conda: HEMEXP_ENV` in every rule (--sw-deployment-method conda)
+FROZEN = bool(config["freeze_models"])  # keep existing models: their training rules are not defined
+
+# Products that rules of several files read (model paths, per-patient folders, sample files).
+VAE_MODEL = str(L.vae_model)
+LATENT_STATS = str(L.latent_stats)
+DIFFUSION_MODEL = str(L.diffusion_model("{variant}"))  # format with variant=...
+CLASSIFIER = str(L.classifier)
+USES_CLASSIFIER = str(config["sampling"]["flag_source"]) == "classifier"
+N_SAMPLES = int(config["sampling"]["n_samples"])
+SAMPLE_FILES = sample_files(N_SAMPLES)
+MAP_FILES = map_files("maps")
+NATIVE_FILES = map_files("native")
+# Extra expansion-flag passes (evaluation.flag_source_passes): source -> variants, sampled by rule
+# sample_flag_source under samples_<source>/ and scored by rule evaluate as their own Table 2 rows.
+FLAG_PASSES = flag_source_passes(config)
+
+
+def preprocessed(patient, files=PREPROCESSED_FILES):
+    """Paths of one patient's preprocessed products (a wildcard or an ID)."""
+    return [str(L.preprocessed(patient) / f) for f in files]
+
+
+def one_of(names):
+    """Wildcard regex matching exactly one of the names (only for short lists: variants, sources)."""
+    return "|".join(re.escape(n) for n in sorted(names)) or "NO_MATCH"
 
 
 def cfg_hash(*sections):
@@ -15,5 +57,5 @@ def cfg_hash(*sections):
 
 
 def R(rule_name):
-    """Per-rule SLURM resources from config (see hemexp.workflow.resources.rule_resources)."""
+    """SLURM resources of one rule, the entry named after it (see hemexp.workflow.resources)."""
     return rule_resources(config, rule_name)

@@ -7,48 +7,51 @@
 # file is a plain input and new training patients change only the jobs that read it (an ancient()
 # input would not do: Snakemake also reruns a job when its *set* of inputs changes).
 import os
-import re
 
 from hemexp.core.config import config_hash
 
-LATENTS = f"{RESULTS}/latents"
-LATENT_STATS = f"{LATENTS}/stats.json"
-DIFFUSION_DIR = f"{RESULTS}/models/diffusion"
-DIFFUSION_MODEL = f"{DIFFUSION_DIR}/{{variant}}/model.pt"  # format with variant=...
-TRAIN_LATENTS = [f"{LATENTS}/{p}.npz" for p in TRAIN]
-_FROZEN = bool(config["freeze_models"])
-STATS_FROZEN = _FROZEN and os.path.exists(LATENT_STATS)
-TRAINABLE_VARIANTS = [v for v in VARIANTS
-                      if not (_FROZEN and os.path.exists(DIFFUSION_MODEL.format(variant=v)))]
+TRAIN_LATENTS = [str(L.latents(p)) for p in TRAIN]
+STATS_FROZEN = FROZEN and os.path.exists(LATENT_STATS)
+TRAINABLE_VARIANTS = [
+    v for v in VARIANTS if not (FROZEN and os.path.exists(DIFFUSION_MODEL.format(variant=v)))
+]
 
 
 ENCODE_PATIENT_RE = PATIENT_ID_PATTERN  # not an ID alternation: that makes DAG building quadratic
-TRAINABLE_RE = "|".join(re.escape(v) for v in sorted(TRAINABLE_VARIANTS)) or "NO_VARIANTS"
+TRAINABLE_RE = one_of(TRAINABLE_VARIANTS)
 # Rerun trigger of one variant: its own spec and the shared training keys, not the other variants.
 _SHARED_DIFFUSION = {k: v for k, v in config["diffusion"].items() if k != "variants"}
-VARIANT_HASH = {v: config_hash({"diffusion": _SHARED_DIFFUSION, "seed": config["seed"],
-                                "variant": config["diffusion"]["variants"][v]}) for v in VARIANTS}
+VARIANT_HASH = {
+    v: config_hash(
+        {
+            "diffusion": _SHARED_DIFFUSION,
+            "seed": config["seed"],
+            "variant": config["diffusion"]["variants"][v],
+        }
+    )
+    for v in VARIANTS
+}
 
 
 rule encode:
     """Posterior-mean latents of every shard row (targets + context), baseline and follow-up."""
     input:
-        shard=f"{RESULTS}/shards/{{patient}}.parquet",
+        shard=str(L.shard("{patient}")),
         vae=VAE_MODEL,
     output:
-        f"{LATENTS}/{{patient}}.npz",
-    params:
-        cfg=cfg_hash("preprocess"),
-        config=RESOLVED_CONFIG,
+        str(L.latents("{patient}")),
+    log:
+        str(L.log("encode", "{patient}")),
     wildcard_constraints:
         patient=ENCODE_PATIENT_RE,
+    conda:
+        HEMEXP_ENV
     threads: R("encode")["cpus_per_task"]  # exported as OMP_NUM_THREADS: torch uses no more cores
     resources:
         **R("encode"),
-    conda:
-        HEMEXP_ENV
-    log:
-        f"{RESULTS}/logs/encode/{{patient}}.log",
+    params:
+        cfg=cfg_hash("preprocess"),
+        config=RESOLVED_CONFIG,
     shell:
         "hemexp encode {wildcards.patient} --config {params.config} > {log} 2>&1"
 
@@ -61,15 +64,15 @@ if not STATS_FROZEN:
             TRAIN_LATENTS,
         output:
             LATENT_STATS,
+        log:
+            str(L.log("latent_stats")),
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("latent_stats"),
         params:
             patients=" ".join(TRAIN),
             config=RESOLVED_CONFIG,
-        resources:
-            **R("latent_stats"),
-        conda:
-            HEMEXP_ENV
-        log:
-            f"{RESULTS}/logs/latent_stats.log",
         shell:
             "hemexp latent-stats --patients {params.patients} --config {params.config} > {log} 2>&1"
 
@@ -84,24 +87,27 @@ if TRAINABLE_VARIANTS:
             vae=VAE_MODEL,
         output:
             model=DIFFUSION_MODEL,
-            grid=report(f"{DIFFUSION_DIR}/{{variant}}/sample_grid.png", category="3. Diffusion",
-                        subcategory="{variant}"),
-            summary=f"{DIFFUSION_DIR}/{{variant}}/summary.json",
-        params:
-            cfg=lambda wildcards: VARIANT_HASH[wildcards.variant],
-            config=RESOLVED_CONFIG,
+            grid=report(
+                str(L.diffusion_dir("{variant}") / "sample_grid.png"),
+                category="3. Diffusion",
+                subcategory="{variant}",
+            ),
+            summary=str(L.diffusion_dir("{variant}") / "summary.json"),
+        log:
+            str(L.log("train_diffusion", "{variant}")),
         wildcard_constraints:
             variant=TRAINABLE_RE,
+        conda:
+            HEMEXP_ENV
         threads: R("train_diffusion")["cpus_per_task"]  # capped by --cores; OMP_NUM_THREADS for torch
         resources:
             **R("train_diffusion"),
-        conda:
-            HEMEXP_ENV
-        log:
-            f"{RESULTS}/logs/train_diffusion/{{variant}}.log",
+        params:
+            cfg=lambda wildcards: VARIANT_HASH[wildcards.variant],
+            config=RESOLVED_CONFIG,
         shell:
             "hemexp train-diffusion {wildcards.variant} --config {params.config} > {log} 2>&1"
 
 
-FINAL_TARGETS += [f"{LATENTS}/{p}.npz" for p in sorted(PATIENTS)] + [LATENT_STATS]
+FINAL_TARGETS += [str(L.latents(p)) for p in sorted(PATIENTS)] + [LATENT_STATS]
 FINAL_TARGETS += [DIFFUSION_MODEL.format(variant=v) for v in VARIANTS]

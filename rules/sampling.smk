@@ -3,20 +3,10 @@
 # expansion flag when sampling.flag_source is 'classifier'. The classifier trains on the training
 # split only (its test AUC is a separate rule), so adding a test patient never retrains it.
 import os
-import re
 
-SAMPLES = f"{RESULTS}/samples"
-SAMPLE_DIR = f"{SAMPLES}/{{variant}}/{{patient}}"
-CLASSIFIER_DIR = f"{RESULTS}/models/classifier"
-CLASSIFIER = f"{CLASSIFIER_DIR}/classifier.joblib"
-CLASSIFIER_FROZEN = bool(config["freeze_models"]) and os.path.exists(CLASSIFIER)
-USES_CLASSIFIER = str(config["sampling"]["flag_source"]) == "classifier"
-N_SAMPLES = int(config["sampling"]["n_samples"])
-SAMPLE_FILES = [f"samples/sample_{k:02d}_{m}.nii.gz" for k in range(N_SAMPLES) for m in ("ct", "iph", "ivh")]
-MAP_FILES = [f"maps/{kind}_prob.nii.gz" for kind in ("iph", "ivh", "new")]
-NATIVE_FILES = [f"native/{kind}_prob.nii.gz" for kind in ("iph", "ivh", "new")]
-# wildcard regex matching exactly one of the names (also used by rules/evaluation.smk)
-_one_of = lambda names: "|".join(re.escape(n) for n in sorted(names)) or "NO_MATCH"  # noqa: E731
+SAMPLE_DIR = str(L.samples("{variant}", "{patient}"))
+FLAG_PASS_DIR = str(L.samples("{variant}", "{patient}", flag_source="{source}"))
+CLASSIFIER_FROZEN = FROZEN and os.path.exists(CLASSIFIER)
 
 
 if not CLASSIFIER_FROZEN:
@@ -24,22 +14,23 @@ if not CLASSIFIER_FROZEN:
     rule train_classifier:
         """Built-in HE classifier (logistic regression) on the training split: model + CV AUC. The
         manifest is read but not an input (a new manifest file for an added test patient must not
-        retrain it); a changed manifest row reruns that patient's preprocess, whose summary is an input."""
+        retrain it); a changed manifest row reruns that patient's preprocess, whose summary is an input.
+        """
         input:
-            summaries=[f"{RESULTS}/preprocessed/{p}/summary.json" for p in TRAIN],
+            summaries=[str(L.preprocessed(p) / "summary.json") for p in TRAIN],
         output:
             model=CLASSIFIER,
-            metrics=f"{CLASSIFIER_DIR}/metrics.json",
+            metrics=str(L.classifier_dir / "metrics.json"),
+        log:
+            str(L.log("train_classifier")),
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("train_classifier"),
         params:
             cfg=cfg_hash("evaluation", "seed"),
             patients=" ".join(TRAIN),
             config=RESOLVED_CONFIG,
-        resources:
-            **R("train_classifier"),
-        conda:
-            HEMEXP_ENV
-        log:
-            f"{RESULTS}/logs/train_classifier.log",
         shell:
             "hemexp train-classifier --patients {params.patients} --config {params.config} > {log} 2>&1"
 
@@ -48,19 +39,19 @@ rule eval_classifier:
     """Held-out performance of the built-in HE classifier (AUC, sensitivity, specificity) + predictions."""
     input:
         model=CLASSIFIER,
-        summaries=[f"{RESULTS}/preprocessed/{p}/summary.json" for p in TRAIN + TEST],
+        summaries=[str(L.preprocessed(p) / "summary.json") for p in TRAIN + TEST],
     output:
-        metrics=f"{RESULTS}/metrics/classifier.json",
-        predictions=f"{RESULTS}/metrics/classifier_predictions.tsv",
+        metrics=str(L.metric("classifier.json")),
+        predictions=str(L.metric("classifier_predictions.tsv")),
+    log:
+        str(L.log("eval_classifier")),
+    conda:
+        HEMEXP_ENV
+    resources:
+        **R("eval_classifier"),
     params:
         patients=" ".join(TRAIN + TEST),
         config=RESOLVED_CONFIG,
-    resources:
-        **R("eval_classifier"),
-    conda:
-        HEMEXP_ENV
-    log:
-        f"{RESULTS}/logs/eval_classifier.log",
     shell:
         "hemexp eval-classifier --patients {params.patients} --config {params.config} > {log} 2>&1"
 
@@ -69,7 +60,7 @@ rule sample:
     """N follow-ups of one test patient (DDIM + guidance, batched): NIfTI samples and probability maps on
     the model grid and in native space, volumes.tsv, summary.json, figure.png."""
     input:
-        preprocessed=[f"{RESULTS}/preprocessed/{{patient}}/{f}" for f in PREPROCESSED_FILES],
+        preprocessed=preprocessed("{patient}"),
         model=DIFFUSION_MODEL,
         vae=VAE_MODEL,
         stats=LATENT_STATS,
@@ -77,29 +68,80 @@ rule sample:
     output:
         summary=f"{SAMPLE_DIR}/summary.json",
         volumes=f"{SAMPLE_DIR}/volumes.tsv",
-        figure=report(f"{SAMPLE_DIR}/figure.png", category="4. Samples", subcategory="{variant}",
-                      labels={"variant": "{variant}", "patient": "{patient}"}),
+        figure=report(
+            f"{SAMPLE_DIR}/figure.png",
+            category="4. Samples",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "patient": "{patient}"},
+        ),
         maps=[f"{SAMPLE_DIR}/{f}" for f in MAP_FILES],
         native=[f"{SAMPLE_DIR}/{f}" for f in NATIVE_FILES],
         samples=[f"{SAMPLE_DIR}/{f}" for f in SAMPLE_FILES],
+    log:
+        str(L.log("sample", "{variant}", "{patient}")),
+    wildcard_constraints:
+        variant=one_of(SAMPLED),
+        patient=PATIENT_ID_PATTERN,
+    conda:
+        HEMEXP_ENV
+    resources:
+        **R("sample"),
     params:
         cfg=cfg_hash("sampling"),
         config=RESOLVED_CONFIG,
-    wildcard_constraints:
-        variant=_one_of(SAMPLED),
-        patient=PATIENT_ID_PATTERN,
-    resources:
-        **R("sample"),
-    conda:
-        HEMEXP_ENV
-    log:
-        f"{RESULTS}/logs/sample/{{variant}}/{{patient}}.log",
     shell:
         "hemexp sample {wildcards.variant} {wildcards.patient} --config {params.config} > {log} 2>&1"
 
 
-FINAL_TARGETS += [f"{SAMPLES}/{v}/{p}/{f}" for v in SAMPLED for p in TEST
-                  for f in ("summary.json", "volumes.tsv", "figure.png")]
+if FLAG_PASSES:
+
+    rule sample_flag_source:
+        """Sample a flag-conditioned variant again with another expansion-flag source (Table 2 row,
+        adherence), same settings and products as rule sample."""
+        input:
+            preprocessed=preprocessed("{patient}"),
+            model=DIFFUSION_MODEL,
+            vae=VAE_MODEL,
+            stats=LATENT_STATS,
+            classifier=lambda w: [CLASSIFIER] if w.source == "classifier" else [],
+        output:
+            summary=f"{FLAG_PASS_DIR}/summary.json",
+            volumes=f"{FLAG_PASS_DIR}/volumes.tsv",
+            figure=report(
+                f"{FLAG_PASS_DIR}/figure.png",
+                category="4. Samples",
+                subcategory="{variant} ({source} flag)",
+                caption="../report/samples.rst",
+                labels={"variant": "{variant}", "flag": "{source}", "patient": "{patient}"},
+            ),
+            maps=[f"{FLAG_PASS_DIR}/{f}" for f in MAP_FILES],
+            native=[f"{FLAG_PASS_DIR}/{f}" for f in NATIVE_FILES],
+            samples=[f"{FLAG_PASS_DIR}/{f}" for f in SAMPLE_FILES],
+        log:
+            str(L.log("sample_{source}", "{variant}", "{patient}")),
+        wildcard_constraints:
+            source=one_of(FLAG_PASSES),
+            variant=one_of({v for vs in FLAG_PASSES.values() for v in vs}),
+            patient=PATIENT_ID_PATTERN,
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("sample_flag_source"),
+        params:
+            cfg=cfg_hash("sampling"),
+            out=lambda w: FLAG_PASS_DIR.format(source=w.source, variant=w.variant, patient=w.patient),
+            config=RESOLVED_CONFIG,
+        shell:
+            "hemexp sample {wildcards.variant} {wildcards.patient} --flag-source {wildcards.source} "
+            "--out {params.out} --config {params.config} > {log} 2>&1"
+
+
+FINAL_TARGETS += [
+    str(L.samples(v, p) / f)
+    for v in SAMPLED
+    for p in TEST
+    for f in ("summary.json", "volumes.tsv", "figure.png")
+]
 FINAL_TARGETS += [CLASSIFIER, rules.eval_classifier.output.metrics]
 if not CLASSIFIER_FROZEN:
     FINAL_TARGETS += [rules.train_classifier.output.metrics]

@@ -35,20 +35,25 @@ def bench_patient(cfg: dict, pid: str, work: Path, times: dict[str, list[float]]
     from hemexp.core.clinical import CLINICAL_NAMES
     from hemexp.io.nifti import make_image
     from hemexp.io.shards import IMAGE_COLUMNS, patient_table, write_shard
-    from hemexp.preprocess.grid import model_grid
-    from hemexp.preprocess.pipeline import KINDS, TIMEPOINTS, lesion_safe_brain, load_timepoint, patient_row
+    from hemexp.preprocess.pipeline import (
+        KINDS,
+        TIMEPOINTS,
+        lesion_safe_brain,
+        load_timepoint,
+        patient_row,
+        resample_timepoint,
+        skull_stripped,
+        template_grid,
+    )
     from hemexp.preprocess.qc import qc_figure
     from hemexp.preprocess.register import (
-        BL_TO_TEMPLATE,
-        FU_TO_BL,
         MODEL_GRID,
         TRANSFORMS_DIR,
         nib_to_ants,
-        register,
+        register_baseline,
+        register_followup,
         save_native_grid,
-        to_model_grid,
     )
-    from hemexp.preprocess.template import load_template
 
     pre, row = cfg["preprocess"], patient_row(cfg, pid)
     pdir = work / pid
@@ -58,30 +63,20 @@ def bench_patient(cfg: dict, pid: str, work: Path, times: dict[str, list[float]]
                                             for tp in TIMEPOINTS})
     brains = _timed(times, "skullstrip", lambda: {tp: lesion_safe_brain(p["ct"], p["iph"], p["ivh"], cfg, pid)[0]
                                                   for tp, p in imgs.items()})
-    template, tmask = load_template(cfg)
-    grid = model_grid(tmask, pre["spacing_mm"], pre["crop"])
+    template, _, grid = template_grid(cfg)
     grid.save(tdir / MODEL_GRID)
     save_native_grid(imgs["bl"]["ct"], pdir)
-    stripped = {tp: make_image(np.asarray(p["ct"].dataobj) * brains[tp], p["ct"].affine) for tp, p in imgs.items()}
+    stripped = {tp: skull_stripped(p["ct"], brains[tp]) for tp, p in imgs.items()}
     ants_img = {tp: nib_to_ants(img) for tp, img in stripped.items()}
     seed, mm = cfg["seed"], pre["registration_mm"]
-    rigid = _timed(times, "rigid", register, nib_to_ants(template), ants_img["bl"], "Rigid", seed, mm, work)
-    (tdir / BL_TO_TEMPLATE).write_bytes(Path(rigid).read_bytes())
-
-    def followup() -> str:
-        init = register(ants_img["bl"], ants_img["fu"], "Rigid", seed, mm, work)
-        return register(ants_img["bl"], ants_img["fu"], "Affine", seed, mm, work, initial_transform=init)
-
-    (tdir / FU_TO_BL).write_bytes(Path(_timed(times, "affine", followup)).read_bytes())
+    _timed(times, "rigid", register_baseline, nib_to_ants(template), ants_img["bl"], seed, mm, tdir, work)
+    _timed(times, "affine", register_followup, ants_img["bl"], ants_img["fu"], seed, mm, tdir, work)
 
     def resample() -> dict[str, np.ndarray]:
         vols = {}
         for tp in TIMEPOINTS:
-            vols[f"{tp}_ct"] = np.asarray(to_model_grid(stripped[tp], pdir, tp, "linear").dataobj)
-            vols[f"{tp}_brain"] = np.asarray(to_model_grid(make_image(brains[tp], stripped[tp].affine), pdir, tp,
-                                                           "label").dataobj)
-            for kind in KINDS:
-                vols[f"{tp}_{kind}"] = np.asarray(to_model_grid(imgs[tp][kind], pdir, tp, "label").dataobj)
+            brain = make_image(brains[tp], stripped[tp].affine)
+            vols.update(resample_timepoint(stripped[tp], brain, {k: imgs[tp][k] for k in KINDS}, pdir, tp))
         return vols
 
     vols = _timed(times, "resample_crop", resample)
@@ -106,7 +101,7 @@ def write_slice_files(vols: dict[str, np.ndarray], zs: list[int], affine: np.nda
 def bench_reads(shards: list[Path], slice_dir: Path, hu_window: tuple[float, float], repeats: int) -> dict[str, float]:
     """Slices/s: SliceDataset over shards (first pass = decompression, then cached) vs NIfTI per slice."""
     from hemexp.io.shards import IMAGE_COLUMNS
-    from hemexp.vae.data import SliceDataset
+    from hemexp.vae.data import SliceDataset, vae_channels
 
     cold, warm, nifti = [], [], []
     for _ in range(repeats):
@@ -117,12 +112,11 @@ def bench_reads(shards: list[Path], slice_dir: Path, hu_window: tuple[float, flo
                 ds[i]
             rates.append(len(ds) / (time.perf_counter() - t0))
         items = sorted({(p.parent, p.name[:3]) for p in slice_dir.rglob("*_bl_ct.nii.gz")})
-        lo, hi = hu_window
         t0 = time.perf_counter()
         for folder, z in items:
             arrays = {c: np.asarray(nib.load(folder / f"{z}_{c}.nii.gz").dataobj)[..., 0] for c in IMAGE_COLUMNS}
-            np.stack([np.clip((arrays["bl_ct"] - lo) / (hi - lo), 0, 1), arrays["bl_iph"], arrays["bl_ivh"]])
-            np.stack([np.clip((arrays["fu_ct"] - lo) / (hi - lo), 0, 1), arrays["fu_iph"], arrays["fu_ivh"]])
+            for tp in ("bl", "fu"):
+                np.stack(vae_channels(arrays[f"{tp}_ct"], arrays[f"{tp}_iph"], arrays[f"{tp}_ivh"], hu_window))
         nifti.append(len(items) / (time.perf_counter() - t0))
     return {"shard, first pass (decompress)": statistics.median(cold), "shard, cached (per worker)": statistics.median(warm),
             "NIfTI file per slice and channel": statistics.median(nifti)}

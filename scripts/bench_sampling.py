@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from hemexp.core.config import load_config, variants
+from hemexp.diffusion.ddim import branches
 from hemexp.diffusion.model import build_model, model_config, scheduler_config
-from hemexp.sampling.sampler import SamplerSettings, branches, sample_deltas
+from hemexp.sampling.sampler import SamplerSettings, sample_deltas
 
 
 def demo_model(cfg: dict, variant: str) -> tuple[torch.nn.Module, dict, tuple[int, int, int]]:

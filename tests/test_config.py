@@ -76,3 +76,43 @@ def test_cross_section_rules(cfg):
 def test_overrides_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="sampling.guidance_scale"):
         load_config(None, overrides={"sampling.guidance_scale": -1})
+
+
+# ---------------------------------------------------------------------------- cross-key rules
+# Each rule below used to be raised somewhere else (a rules/*.smk file at workflow start, or a command
+# partway through a run); now the validator reports all of them at once, naming the key.
+def test_perturbation_variant_needs_clinical_conditioning(cfg):  # was rules/evaluation.smk
+    cfg["evaluation"]["perturbation_variant"] = "2D-i"
+    msg = _errors(cfg)
+    assert "evaluation.perturbation_variant: '2D-i' has no clinical conditioning" in msg
+
+
+def test_flag_source_passes_name_sampled_flag_conditioned_variants(cfg):  # was evaluation/collect.py
+    cfg["sampling"]["variants"] = ["2D-ice", "2D-i"]
+    cfg["evaluation"]["flag_source_passes"] = {"classifier": ["2D-i", "2.5D3-ice"]}
+    msg = _errors(cfg)
+    assert "evaluation.flag_source_passes.classifier: variant '2D-i' is not flag-conditioned" in msg
+    assert "evaluation.flag_source_passes.classifier: '2.5D3-ice' is not a sampled variant" in msg
+    cfg["evaluation"]["flag_source_passes"] = {"oracle": ["2D-ice"]}  # same source as the main pass: allowed
+    validate_config(cfg)
+
+
+def test_synthetic_cohort_consistency(cfg):  # was cohort/synth/cohort.py::check_config
+    syn = cfg["cohort"]["synthetic"]
+    syn["test_sites"] = sorted(syn["sites"])  # every site held out: nothing to train on (or build a template from)
+    syn["slice_thickness_mm"] = [5.0, 2.5]
+    msg = _errors(cfg)
+    assert "cohort.synthetic.test_sites leaves no training site" in msg
+    assert "cohort.synthetic.slice_thickness_mm: range must be [low, high]" in msg and "2 problem(s)" in msg
+
+
+def test_vae_resolutions_fit_the_latent_factor(cfg):  # was vae/train.py at training start
+    cfg["vae"]["channels"] = [16, 32, 64]  # latent factor 4
+    cfg["vae"]["resolutions"] = [[30, 10], [64, 10]]
+    assert "vae.resolutions: sizes [30] are not divisible by the latent factor 4" in _errors(cfg)
+
+
+def test_scenario_and_profile_names_differ(cfg):  # was evaluation/guidance/run.py at study start
+    name = next(iter(cfg["evaluation"]["scenarios"]))
+    cfg["evaluation"]["profiles"][name] = cfg["evaluation"]["profiles"]["stable"]
+    assert f"evaluation.profiles: {[name]} also named in evaluation.scenarios" in _errors(cfg)

@@ -8,9 +8,9 @@ from monai.networks.schedulers import DDPMScheduler
 
 from hemexp.core.config import load_config
 from hemexp.diffusion.conditioning import ConditionEmbedding, pack_condition
+from hemexp.diffusion.ddim import ddim_sample
 from hemexp.diffusion.model import (
     ConditionalLatentUNet,
-    ddim_sample,
     ddim_scheduler,
     ddpm_scheduler,
     load_diffusion,

@@ -15,14 +15,12 @@ from test_latents import as_arrays, fake_latents, tiny_vae
 
 from hemexp.core.config import load_config
 from hemexp.core.files import write_json
+from hemexp.core.layout import Layout
 from hemexp.diffusion.latents import (
     PatientLatents,
     compute_stats,
-    latent_path,
     normalise,
     save_latents,
-    stats_path,
-    vae_path,
 )
 from hemexp.diffusion.model import load_diffusion, model_config, scheduler_config
 from hemexp.diffusion.train import (
@@ -218,9 +216,9 @@ def _cohort(tmp_path: Path, **diffusion) -> tuple[dict, Path]:
     lats = [dataclasses.replace(structured(i, i % 2), patient_id=f"A00{i + 1}") for i in range(4)]
     test = dataclasses.replace(fake_latents("D001", "test", offset=50.0), patient_id="D001")
     for lat in [*lats, test]:
-        save_latents(latent_path(cfg, lat.patient_id), as_arrays(lat))
-    write_json(stats_path(cfg), compute_stats(lats))
-    tiny_vae().save(vae_path(cfg))
+        save_latents(Layout.of(cfg).latents(lat.patient_id), as_arrays(lat))
+    write_json(Layout.of(cfg).latent_stats, compute_stats(lats))
+    tiny_vae().save(Layout.of(cfg).vae_model)
     return cfg, path
 
 

@@ -17,10 +17,11 @@ import pytest
 import yaml
 
 from hemexp.cli import main
-from hemexp.core.config import validate_config
+from hemexp.core.config import ConfigError, validate_config
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import write_json
-from hemexp.evaluation.collect import flag_source_passes, sample_passes
+from hemexp.evaluation.collect import sample_passes
+from hemexp.sampling.flags import flag_source_passes
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (6, 6, 4)
@@ -167,12 +168,13 @@ def test_bad_sample_grid_fails_naming_patient(tree, capsys):
 def test_flag_source_passes_checks_config(tmp_path):
     cfg = _default_cfg(tmp_path)
     assert [p.method for p in sample_passes(cfg)] == ["2D-ice", "2D-i", "2D-ice (classifier flag)"]
+    # which variants a pass may name is a config rule: the validator reports it (tests/test_config.py)
     cfg["evaluation"]["flag_source_passes"] = {"classifier": ["2D-i"]}
-    with pytest.raises(ValueError, match="not flag-conditioned"):
-        flag_source_passes(cfg)
+    with pytest.raises(ConfigError, match="flag_source_passes.classifier: variant '2D-i' is not flag-conditioned"):
+        validate_config(cfg)
     cfg["evaluation"]["flag_source_passes"] = {"classifier": ["2.5D3-ice"]}
-    with pytest.raises(ValueError, match="not a sampled variant"):
-        flag_source_passes(cfg)
+    with pytest.raises(ConfigError, match="not a sampled variant"):
+        validate_config(cfg)
     cfg["evaluation"]["flag_source_passes"] = {"oracle": ["2D-ice"]}  # same as the main pass: dropped
     assert flag_source_passes(cfg) == {}
 

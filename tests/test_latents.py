@@ -16,17 +16,15 @@ import yaml
 
 from hemexp.core.clinical import clinical_vector
 from hemexp.core.config import load_config
+from hemexp.core.layout import Layout
 from hemexp.diffusion.latents import (
     PatientLatents,
     compute_stats,
     denormalise,
     encode_patient,
-    latent_path,
     load_latents,
     normalise,
     save_latents,
-    stats_path,
-    vae_path,
 )
 from hemexp.io.shards import patient_table, write_shard
 from hemexp.vae.data import patient_dataset
@@ -173,15 +171,15 @@ def test_encode_and_latent_stats_commands(tmp_path):
     from hemexp.cli import main
 
     cfg, cfg_path = _cli_config(tmp_path)
-    tiny_vae().save(vae_path(cfg))
+    tiny_vae().save(Layout.of(cfg).vae_model)
     shards = Path(cfg["results_dir"]) / "shards"
     for i, (pid, split) in enumerate((("A001", "train"), ("A002", "train"), ("D001", "test"))):
         make_shard(shards / f"{pid}.parquet", pid, split=split, expansion=i % 2, seed=i)
     for pid in ("A001", "A002", "D001"):
         assert main(["encode", pid, "--config", str(cfg_path)]) == 0
-        assert latent_path(cfg, pid).exists()
+        assert Layout.of(cfg).latents(pid).exists()
     assert main(["latent-stats", "--config", str(cfg_path)]) == 0
-    stats = yaml.safe_load(stats_path(cfg).read_text())
+    stats = yaml.safe_load(Layout.of(cfg).latent_stats.read_text())
     assert stats["patients"] == ["A001", "A002"] and len(stats["mean"]) == 4
     # a missing shard is a per-patient failure: exit 1 and a failure record naming the file
     assert main(["encode", "A003", "--config", str(cfg_path)]) == 1

@@ -7,14 +7,13 @@ import pytest
 from scipy.ndimage import binary_erosion
 from scipy.spatial import cKDTree
 
+from hemexp.core.clinical import dice, mask_volume_ml
 from hemexp.evaluation.metrics import (
     absolute_volume_error_ml,
     assd_mm,
     coverage,
-    dice,
     hemorrhage_metrics,
     structure_metrics,
-    volume_ml,
 )
 
 
@@ -74,7 +73,7 @@ def test_coverage_dice_and_volume_of_a_subset():
     assert coverage(pred, ref) == pytest.approx(108 / 216)
     assert dice(pred, ref) == pytest.approx(2 * 108 / (108 + 216))
     spacing = (0.5, 0.5, 2.0)  # 0.5 mm^3 per voxel
-    assert volume_ml(ref, spacing) == pytest.approx(216 * 0.5 / 1000)
+    assert mask_volume_ml(ref, spacing) == pytest.approx(216 * 0.5 / 1000)
     assert absolute_volume_error_ml(pred, ref, spacing) == pytest.approx(108 * 0.5 / 1000)
     # recall is asymmetric: the superset covers the subset completely
     assert coverage(ref, pred) == 1.0
@@ -86,7 +85,7 @@ def test_empty_prediction_convention():
     m = structure_metrics(empty, ref, (1.0, 1.0, 1.0))
     assert m["cov"] == 0.0 and m["dice"] == 0.0
     assert math.isnan(m["assd"])
-    assert m["mae"] == pytest.approx(volume_ml(ref, (1, 1, 1)))
+    assert m["mae"] == pytest.approx(mask_volume_ml(ref, (1, 1, 1)))
 
 
 def test_empty_reference_convention():
@@ -123,3 +122,54 @@ def test_shape_and_spacing_mismatch_raise():
         structure_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))
     with pytest.raises(ValueError, match="spacing"):
         structure_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 1))
+
+
+# ---------------------------------------------------------------------------- one Dice, one volume
+def _old_evaluation_dice(pred, ref):  # evaluation/metrics.py::dice before the merge
+    p, r = np.asarray(pred) > 0, np.asarray(ref) > 0
+    denom = int(np.count_nonzero(p)) + int(np.count_nonzero(r))
+    return 1.0 if denom == 0 else 2.0 * float(np.count_nonzero(p & r)) / denom
+
+
+def _old_preprocess_dice(a, b):  # preprocess/pipeline.py::dice (registration brain-Dice QC) before the merge
+    a, b = a > 0, b > 0
+    denom = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+
+
+def _old_volume_ml(mask, spacing_mm):  # evaluation/metrics.py::volume_ml before the merge
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
+
+
+def _mask_pairs():
+    rng = np.random.default_rng(3)
+    a = rng.random((12, 10, 6)) > 0.6
+    b = rng.random((12, 10, 6)) > 0.5
+    empty = np.zeros_like(a)
+    return {"random": (a, b), "uint8": (a.astype(np.uint8), b.astype(np.uint8)), "identical": (a, a),
+            "disjoint": (a, ~a), "pred-empty": (empty, b), "ref-empty": (a, empty), "both-empty": (empty, empty),
+            "labels": (a * 2, b.astype(np.float32))}
+
+
+@pytest.mark.parametrize("case", list(_mask_pairs()))
+def test_one_dice_agrees_with_both_old_implementations(case):
+    """Both old copies agreed everywhere, both-empty included (Dice 1); the survivor keeps that."""
+    p, r = _mask_pairs()[case]
+    assert dice(p, r) == _old_evaluation_dice(p, r) == _old_preprocess_dice(np.asarray(p), np.asarray(r))
+    assert structure_metrics(p, r, (1.0, 1.0, 2.0))["dice"] == dice(p, r)  # evaluation uses the same one
+
+
+def test_dice_empty_mask_convention_and_shape_check():
+    empty = np.zeros((4, 4, 4), bool)
+    one = empty.copy()
+    one[1, 1, 1] = True
+    assert dice(empty, empty) == 1.0  # nothing to find and nothing found: a perfect answer
+    assert dice(one, empty) == dice(empty, one) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        dice(one, one[:3])
+
+
+@pytest.mark.parametrize("case", list(_mask_pairs()))
+def test_one_volume_agrees_with_the_old_evaluation_volume(case):
+    for m in _mask_pairs()[case]:
+        assert mask_volume_ml(m, (0.5, 0.7, 3.0)) == _old_volume_ml(m, (0.5, 0.7, 3.0))

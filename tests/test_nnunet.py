@@ -224,6 +224,24 @@ def test_active_baselines_select_configurations():
     assert active_baselines({"baselines": ["nnunet_2d", "nnunet_3d"]}) == {"nnunet_2d": "2d", "nnunet_3d": "3d_fullres"}
 
 
+def test_one_baseline_table_feeds_workflow_training_and_table2():
+    """One table (baselines/nnunet/dataset.py) names each nnU-Net baseline's configuration and Table 2
+    label; the evaluation's selection and row order come from it (they were a second copy in
+    evaluation/collect.py::NNUNET_METHODS and evaluation/table2.py::BASELINE_ORDER)."""
+    from hemexp.baselines.nnunet.dataset import NNUNET_BASELINES, active_baselines, baseline_methods
+    from hemexp.evaluation.table2 import BASELINE_ORDER, COPY_BASELINE
+
+    old_methods = {"nnunet_2d": "nnUNet-2D", "nnunet_3d": "nnUNet-3D"}  # evaluation/collect.py before the merge
+    old_configurations = {"nnunet_2d": "2d", "nnunet_3d": "3d_fullres"}  # baselines/nnunet/dataset.py before
+    assert {b.name: b.method for b in NNUNET_BASELINES.values()} == old_methods
+    assert {b.name: b.configuration for b in NNUNET_BASELINES.values()} == old_configurations
+    for listed in (["copy"], ["copy", "nnunet_3d"], ["nnunet_3d", "nnunet_2d"], ["nnunet_2d", "copy", "nnunet_3d"]):
+        cfg = {"baselines": listed}
+        assert baseline_methods(cfg) == {b: old_methods[b] for b in listed if b in old_methods}
+        assert list(active_baselines(cfg)) == list(baseline_methods(cfg))  # trained == scored, same order
+    assert BASELINE_ORDER == (COPY_BASELINE, "nnUNet-2D", "nnUNet-3D")
+
+
 # ----------------------------------------------------------------------------- nnU-Net itself (slow)
 @pytest.fixture(scope="module")
 def nnunet_env():

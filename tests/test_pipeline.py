@@ -216,3 +216,24 @@ def test_failed_registration_check_leaves_no_output(cohort, capsys, tmp_path):
     assert not list((results / "preprocessed").glob(".P02*"))
     record = json.loads((results / "qc" / "failures" / "preprocess__P02.json").read_text())
     assert "min_brain_dice" in record["problem"]
+
+
+@pytest.mark.parametrize("content", [None, "{not json", ""])
+def test_read_summary_names_the_patient_file_and_stage_to_rerun(tmp_path, content):
+    """Every later stage reads summary.json through one reader: missing or corrupt -> one clear error."""
+    from hemexp.core.errors import PatientInputError
+    from hemexp.preprocess.pipeline import read_summary
+
+    if content is not None:
+        (tmp_path / "summary.json").write_text(content)
+    with pytest.raises(PatientInputError) as err:
+        read_summary("P07", tmp_path)
+    assert err.value.patient_id == "P07" and err.value.file.endswith("summary.json")
+    assert "hemexp preprocess" in err.value.problem
+
+
+def test_read_summary_returns_the_json(tmp_path):
+    from hemexp.preprocess.pipeline import read_summary
+
+    (tmp_path / "summary.json").write_text('{"expansion": true}')
+    assert read_summary("P07", tmp_path) == {"expansion": True}

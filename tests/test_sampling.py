@@ -14,17 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from hemexp.diffusion.ddim import branches, ddim_step, guided_v
 from hemexp.diffusion.model import build_model, save_diffusion, scheduler_config
 from hemexp.sampling.sampler import (
     ModelBundle,
     SamplerSettings,
     auto_chunk_size,
-    branches,
     context_slices,
-    ddim_step,
     draw,
     generate_followups,
-    guided_v,
     item_generators,
     sample_deltas,
     sampled_slices,

@@ -9,12 +9,12 @@ import pytest
 
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import write_json
+from hemexp.core.tables import markdown_table
 from hemexp.evaluation.table2 import (
     COPY_BASELINE,
     adherence_table,
     copy_baseline_row,
     log_variant_results,
-    markdown_table,
     mean_sd_cell,
     method_order,
     metrics_from_files,
@@ -131,7 +131,7 @@ def test_metrics_from_files_rejects_other_grid(tmp_path):
     with pytest.raises(PatientInputError, match="grid"):
         metrics_from_files("A001", tmp_path / "pred.nii.gz", tmp_path / "pred.nii.gz",
                            tmp_path / "ref.nii.gz", tmp_path / "ref.nii.gz")
-    with pytest.raises(PatientInputError, match="cannot read"):
+    with pytest.raises(PatientInputError, match="predicted IPH mask file not found"):
         metrics_from_files("A001", tmp_path / "missing.nii.gz", tmp_path / "ref.nii.gz",
                            tmp_path / "ref.nii.gz", tmp_path / "ref.nii.gz")
 

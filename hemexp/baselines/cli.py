@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from hemexp.core.commands import add_config_arg, config_from, patient_stage
+from hemexp.core.layout import Layout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -144,17 +145,15 @@ def _predict(args: argparse.Namespace) -> int:
 def _masks(args: argparse.Namespace, cfg: dict) -> None:
     from hemexp.baselines.nnunet.dataset import (
         BASELINE_CONFIGURATIONS,
-        baseline_mask_dir,
         layout,
         prediction_to_masks,
-        preprocessed_dir,
     )
 
     configuration = BASELINE_CONFIGURATIONS[args.baseline]
     counts = prediction_to_masks(
         args.patient,
         layout(cfg).prediction(configuration, args.patient),
-        preprocessed_dir(cfg, args.patient) / "bl_ct.nii.gz",
-        baseline_mask_dir(cfg, args.baseline, args.patient),
+        Layout.of(cfg).preprocessed(args.patient) / "bl_ct.nii.gz",
+        Layout.of(cfg).baseline_masks(args.baseline, args.patient),
     )
     print(f"{args.baseline} {args.patient}: voxels {counts}")

@@ -50,11 +50,11 @@ def _cohort_table(args: argparse.Namespace) -> int:
     from hemexp.cohort.manifest import read_manifest
     from hemexp.cohort.table1 import cohort_frame, table1, to_markdown
     from hemexp.core.files import atomic_path
+    from hemexp.core.tables import write_csv
 
     labels = config_from(args)["cohort"]["mask_labels"]
     table = table1(cohort_frame(read_manifest(args.manifest), labels))
-    with atomic_path(args.csv) as tmp:
-        table.to_csv(tmp)
+    write_csv(table, args.csv, index=True)
     with atomic_path(args.md) as tmp:
         Path(tmp).write_text(to_markdown(table))
     print(to_markdown(table))

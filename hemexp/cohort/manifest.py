@@ -7,6 +7,7 @@ fixing a 500-row TSV should not have to rerun the workflow once per typo.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -162,3 +163,10 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     df.to_csv(tmp, sep="\t", index=False)
     tmp.replace(path)
+
+
+def manifest_row_hashes(manifest: str | Path) -> dict[str, str]:
+    """patient -> short hash of its manifest row: the workflow passes it as a rule ``params`` entry,
+    so editing one patient's row (clinical values, split) reruns only that patient's jobs."""
+    df = read_manifest(manifest, check_files=False)
+    return {r["patient_id"]: hashlib.sha256(r.to_json().encode()).hexdigest()[:12] for _, r in df.iterrows()}

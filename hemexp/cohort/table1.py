@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 
 from hemexp.core.clinical import is_expansion, mask_volume_ml
-from hemexp.io.masks import load_mask_nifti
+from hemexp.core.tables import markdown_table
+from hemexp.io.masks import read_mask
+from hemexp.io.nifti import affine_spacing_mm
 
 DEFAULT_LABELS = {"iph": 1, "ivh": 2}
 
@@ -38,9 +40,9 @@ def patient_volumes(row: pd.Series, labels: dict[str, int]) -> dict[str, float]:
     for time in ("baseline", "followup"):
         label_map = row[f"{time}_iph"] == row[f"{time}_ivh"]
         for which in ("iph", "ivh"):
-            mask, affine = load_mask_nifti(row[f"{time}_{which}"], which, labels, label_map)
-            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-            out[f"{time}_{which}_ml"] = mask_volume_ml(mask, tuple(spacing))
+            mask, affine = read_mask(row[f"{time}_{which}"], str(row["patient_id"]), f"{time} {which.upper()} mask",
+                                     which=which, labels=labels, label_map=label_map)
+            out[f"{time}_{which}_ml"] = mask_volume_ml(mask, affine_spacing_mm(affine))
     return out
 
 
@@ -90,8 +92,5 @@ def table1(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """Plain pipe table (no tabulate dependency)."""
-    header = "| " + " | ".join([table.index.name, *table.columns]) + " |"
-    sep = "|" + "---|" * (len(table.columns) + 1)
-    body = ["| " + " | ".join([idx, *map(str, row)]) + " |" for idx, row in zip(table.index, table.values, strict=True)]
-    return "\n".join([header, sep, *body]) + "\n"
+    """Table 1 as a pipe table, characteristics (the index) as the first column."""
+    return markdown_table(table, index=True)

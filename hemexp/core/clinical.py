@@ -1,8 +1,10 @@
 """The clinical vocabulary every stage shares: the seven conditioning variables (order = the conditioning
-vector's), their model ranges and manifest plausibility limits, and the paper's expansion rule."""
+vector's), their model ranges and manifest plausibility limits, the paper's expansion rule, and the two
+mask measures (volume in mL, Dice) that every stage must compute identically."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +80,29 @@ def clinical_vector(row: dict | pd.Series) -> np.ndarray:
     return np.array([v.scale(row[v.name]) for v in CLINICAL_VARIABLES], dtype=np.float32)
 
 
-def mask_volume_ml(mask: np.ndarray, spacing_mm: tuple[float, ...]) -> float:
-    """Volume of a binary mask in mL (1 mL = 1000 mm^3)."""
+def mask_volume_ml(mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """Volume of a binary mask in mL (1 mL = 1000 mm^3): the one volume definition.
+
+    Expansion labels, the sampler's ``volumes.tsv``, Table 1/2 and calibration all measure with it,
+    so a sample and its reference (and the expansion rule above) always see the same number.
+    """
     return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice overlap 2|P ∩ R| / (|P| + |R|) of two masks (nonzero = inside); 1 when both are empty.
+
+    Both-empty scores 1 because "nothing to find, nothing found" is a correct answer: Table 2's
+    total-hemorrhage Dice of a patient without IVH, and the preprocess brain-Dice QC, must not turn
+    a correct empty prediction into a failure (or a NaN that drops the patient from a mean). One
+    empty, the other not, scores 0. Here (core) because preprocess (brain-mask QC) and evaluation
+    (Table 2) both need it and preprocess may not import evaluation.
+    """
+    p, r = np.asarray(pred), np.asarray(ref)
+    p, r = (p if p.dtype == bool else p > 0), (r if r.dtype == bool else r > 0)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    denom = int(np.count_nonzero(p)) + int(np.count_nonzero(r))
+    if denom == 0:
+        return 1.0
+    return 2.0 * float(np.count_nonzero(p & r)) / denom

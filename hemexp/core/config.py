@@ -104,24 +104,77 @@ def validate_config(cfg: dict[str, Any], source: str = "config") -> None:
 
 
 def _cross_checks(cfg: dict[str, Any]) -> list[str]:
-    """Rules one JSON schema cannot express: references between sections."""
+    """Rules one JSON schema cannot express: references between keys and sections.
+
+    This is the only place such rules live: the workflow validates the config before building its
+    DAG, so a rule here fails at start, all problems at once, instead of in a rules file (one at a
+    time) or in a command hours into a run. Each message starts with the key to fix.
+    """
+    return [*_cohort_rules(cfg["cohort"]), *_variant_rules(cfg), *_evaluation_rules(cfg), *_vae_rules(cfg["vae"])]
+
+
+def _cohort_rules(cohort: dict[str, Any]) -> list[str]:
     problems = []
-    cohort = cfg["cohort"]
     if cohort["source"] == "manifest" and not cohort.get("manifest"):
         problems.append("cohort.manifest: required when cohort.source is 'manifest'")
-    if cohort["source"] == "synthetic":
-        syn = cohort["synthetic"]
-        unknown = sorted(set(syn["test_sites"]) - set(syn["sites"]))
-        if unknown:
-            problems.append(f"cohort.synthetic.test_sites: {unknown} not among sites {sorted(syn['sites'])}")
-    variants = set(cfg["diffusion"]["variants"])
-    for name in cfg["sampling"].get("variants") or []:
-        if name not in variants:
-            problems.append(f"sampling.variants: {name!r} is not a diffusion variant (allowed: {sorted(variants)})")
-    pv = cfg["evaluation"].get("perturbation_variant")
-    if pv is not None and pv not in variants:
-        problems.append(f"evaluation.perturbation_variant: {pv!r} is not a diffusion variant (allowed: {sorted(variants)})")
+    if cohort["source"] != "synthetic":
+        return problems
+    # (cohort.synthetic.n_patients = sum of sites is checked by the synthesis itself: configs of small
+    # test cohorts, below the schema's minimum n_patients, run every other stage on prepared data.)
+    syn = cohort["synthetic"]
+    sites = syn["sites"]
+    unknown = sorted(set(syn["test_sites"]) - set(sites))
+    if unknown:
+        problems.append(f"cohort.synthetic.test_sites: {unknown} not among sites {sorted(sites)}")
+    if not set(sites) - set(syn["test_sites"]):  # also: no training baselines for a preprocess.template: null
+        problems.append("cohort.synthetic.test_sites leaves no training site")
+    for key in ("slice_thickness_mm", "expander_fraction"):
+        lo, hi = syn[key]
+        if lo > hi:
+            problems.append(f"cohort.synthetic.{key}: range must be [low, high], got [{lo}, {hi}]")
     return problems
+
+
+def _variant_rules(cfg: dict[str, Any]) -> list[str]:
+    """Every variant named outside ``diffusion.variants`` must be one, with the conditioning its use needs."""
+    problems = []
+    known = cfg["diffusion"]["variants"]
+    for name in cfg["sampling"].get("variants") or []:
+        if name not in known:
+            problems.append(f"sampling.variants: {name!r} is not a diffusion variant (allowed: {sorted(known)})")
+    pv = cfg["evaluation"].get("perturbation_variant")
+    if pv is not None and pv not in known:
+        problems.append(f"evaluation.perturbation_variant: {pv!r} is not a diffusion variant (allowed: {sorted(known)})")
+    elif pv is not None and "c" not in known[pv]["conditioning"]:
+        problems.append(f"evaluation.perturbation_variant: {pv!r} has no clinical conditioning (conditioning "
+                        "without 'c'), so perturbing clinical inputs cannot change its samples")
+    sampled = set(cfg["sampling"].get("variants") or known)
+    for source, names in (cfg["evaluation"].get("flag_source_passes") or {}).items():
+        for name in names:
+            if name not in sampled:
+                problems.append(f"evaluation.flag_source_passes.{source}: {name!r} is not a sampled variant "
+                                f"(sampled: {sorted(sampled)})")
+            elif "e" not in known[name]["conditioning"]:
+                problems.append(f"evaluation.flag_source_passes.{source}: variant {name!r} is not flag-conditioned "
+                                "(conditioning without 'e'), a flag pass would repeat its main row")
+    return problems
+
+
+def _evaluation_rules(cfg: dict[str, Any]) -> list[str]:
+    ev = cfg["evaluation"]
+    clash = sorted(set(ev.get("scenarios") or {}) & set(ev.get("profiles") or {}))
+    if clash:  # both become rows of one perturbation table, keyed by name
+        return [f"evaluation.profiles: {clash} also named in evaluation.scenarios (names must differ)"]
+    return []
+
+
+def _vae_rules(vae: dict[str, Any]) -> list[str]:
+    factor = 2 ** (len(vae["channels"]) - 1)  # the VAE halves the slice once per level after the first
+    bad = [int(size) for size, _ in vae["resolutions"] if int(size) % factor]
+    if bad:
+        return [f"vae.resolutions: sizes {bad} are not divisible by the latent factor {factor} "
+                f"(2 per vae.channels level after the first)"]
+    return []
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -179,11 +232,6 @@ def variants(cfg: dict[str, Any]) -> dict[str, Variant]:
 def sampled_variants(cfg: dict[str, Any]) -> list[str]:
     """Variants that the sampling and evaluation stages run (``sampling.variants`` or all)."""
     return list(cfg["sampling"].get("variants") or cfg["diffusion"]["variants"])
-
-
-def results_path(cfg: dict[str, Any], *parts: str) -> Path:
-    """Path under the configured results folder."""
-    return Path(cfg["results_dir"]).joinpath(*parts)
 
 
 def resolved_copy(cfg: dict[str, Any]) -> dict[str, Any]:

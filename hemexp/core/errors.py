@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from hemexp.core.files import read_json, write_json
+from hemexp.core.layout import Layout
 
 FAILURE_COLUMNS = ("stage", "patient_id", "file", "problem", "time")
 
@@ -29,13 +30,9 @@ class PatientInputError(RuntimeError):
         super().__init__(f"patient {patient_id}{where}: {problem}")
 
 
-def failure_dir(results_dir: str | Path) -> Path:
-    return Path(results_dir) / "qc" / "failures"
-
-
 def record_failure(results_dir: str | Path, stage: str, err: PatientInputError) -> Path:
     """Write one failure record (atomic); returns its path."""
-    path = failure_dir(results_dir) / f"{stage}__{err.patient_id}.json"
+    path = Layout(Path(results_dir)).failures_dir / f"{stage}__{err.patient_id}.json"
     write_json(
         path,
         {"stage": stage, "patient_id": err.patient_id, "file": err.file, "problem": err.problem,
@@ -46,14 +43,14 @@ def record_failure(results_dir: str | Path, stage: str, err: PatientInputError) 
 
 def clear_failure(results_dir: str | Path, stage: str, patient_id: str) -> None:
     """Remove a stale record when a patient's stage later succeeds."""
-    (failure_dir(results_dir) / f"{stage}__{patient_id}.json").unlink(missing_ok=True)
+    (Layout(Path(results_dir)).failures_dir / f"{stage}__{patient_id}.json").unlink(missing_ok=True)
 
 
 def collect_failures(results_dir: str | Path) -> pd.DataFrame:
     """Gather every failure record into ``<results>/qc/failures.tsv`` (always written, maybe empty)."""
-    records = [read_json(p) for p in sorted(failure_dir(results_dir).glob("*.json"))]
+    records = [read_json(p) for p in sorted(Layout(Path(results_dir)).failures_dir.glob("*.json"))]
     table = pd.DataFrame(records, columns=list(FAILURE_COLUMNS))
-    out = Path(results_dir) / "qc" / "failures.tsv"
+    out = Layout(Path(results_dir)).failures_table
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tsv.tmp")
     table.to_csv(tmp, sep="\t", index=False)

@@ -1,18 +1,209 @@
-"""Where every product lives under ``results_dir``: the one owner of result paths."""
+"""Where every product lives under ``results_dir``: the one owner of result paths.
+
+A rule's output and the code that writes it must not spell a path twice, so both take it from here:
+``rules/common.smk`` builds ``L = Layout.of(config)`` and every rule declares ``L.<product>(...)``;
+the stage code that writes or reads a product calls the same method. Per-patient and per-variant
+methods take the ID as an argument, so the rules pass Snakemake wildcards (``"{patient}"``) and the
+package passes real IDs through the one definition.
+
+The layout itself is unchanged from the flat package: every path under ``results/`` is where it was,
+so a results folder built before the stage packages is still up to date.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# File names inside per-patient folders (the contract between a stage and the next one's rule).
+INGEST_FILES = ("bl_ct.nii.gz", "fu_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_iph.nii.gz",
+                "fu_ivh.nii.gz", "brain_bl.nii.gz", "brain_fu.nii.gz", "ingest.json")
+PREPROCESSED_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_ct.nii.gz", "fu_iph.nii.gz",
+                      "fu_ivh.nii.gz", "brain_bl.nii.gz", "brain_fu.nii.gz", "transforms/bl_to_template.mat",
+                      "transforms/fu_to_bl.mat", "transforms/model_grid.json", "transforms/native_grid.json",
+                      "qc.png", "summary.json")
+REFERENCE_MASKS = ("bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_iph.nii.gz", "fu_ivh.nii.gz")
+BASELINE_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz")
+MAP_KINDS = ("iph", "ivh", "new")
+SAMPLE_STRUCTURES = ("ct", "iph", "ivh")
+SAMPLE_MASK = "samples/sample_{k:02d}_{structure}.nii.gz"
+
+
+def sample_files(n_samples: int, structures: tuple[str, ...] = SAMPLE_STRUCTURES) -> list[str]:
+    """Per-sample NIfTI files of one sample folder, relative to it, in sample order."""
+    return [SAMPLE_MASK.format(k=k, structure=s) for k in range(n_samples) for s in structures]
+
+
+def map_files(space: str = "maps") -> list[str]:
+    """Probability maps of one sample folder: ``maps/`` (model grid) or ``native/`` (baseline scan)."""
+    return [f"{space}/{kind}_prob.nii.gz" for kind in MAP_KINDS]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every product path of one results folder; arguments may be IDs or Snakemake wildcards."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: dict[str, Any]) -> Layout:
+        return cls(Path(cfg["results_dir"]))
+
+    # ------------------------------------------------------------------ cohort
+    @property
+    def raw(self) -> Path:
+        """Where ``hemexp synth`` writes the synthetic cohort (raw DICOM/NIfTI + manifest)."""
+        return self.root / "raw"
+
+    @property
+    def synthetic_manifest(self) -> Path:
+        return self.raw / "manifest.tsv"
+
+    @property
+    def synthetic_clinical(self) -> Path:
+        return self.raw / "clinical.tsv"
+
+    @property
+    def truth(self) -> Path:
+        """The synthetic cohort's ground truth: growth law, per-patient draws (``truth.json``)."""
+        return self.raw / "truth.json"
+
+    @property
+    def cohort_dir(self) -> Path:
+        return self.root / "cohort"
+
+    @property
+    def manifest_check(self) -> Path:
+        return self.cohort_dir / "manifest_check.json"
+
+    def table1(self, ext: str) -> Path:
+        return self.cohort_dir / f"table1.{ext}"
+
+    @property
+    def resolved_config(self) -> Path:
+        """The merged config every job reads (written once per workflow start)."""
+        return self.root / "config" / "resolved.yaml"
+
+    # ------------------------------------------------------------------ preprocess
+    def ingested(self, patient: str) -> Path:
+        return self.root / "ingested" / patient
+
+    @property
+    def template_dir(self) -> Path:
+        return self.root / "template"
+
+    def preprocessed(self, patient: str) -> Path:
+        return self.root / "preprocessed" / patient
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    def shard(self, patient: str) -> Path:
+        return self.shards_dir / f"{patient}.parquet"
+
+    # ------------------------------------------------------------------ models
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.models / "vae"
+
+    @property
+    def vae_model(self) -> Path:
+        return self.vae_dir / "vae.pt"
+
+    @property
+    def latents_dir(self) -> Path:
+        return self.root / "latents"
+
+    def latents(self, patient: str) -> Path:
+        return self.latents_dir / f"{patient}.npz"
+
+    @property
+    def latent_stats(self) -> Path:
+        return self.latents_dir / "stats.json"
+
+    def diffusion_dir(self, variant: str) -> Path:
+        return self.models / "diffusion" / variant
+
+    def diffusion_model(self, variant: str) -> Path:
+        return self.diffusion_dir(variant) / "model.pt"
+
+    @property
+    def classifier_dir(self) -> Path:
+        return self.models / "classifier"
+
+    @property
+    def classifier(self) -> Path:
+        return self.classifier_dir / "classifier.joblib"
+
+    # ------------------------------------------------------------------ samples
+    def samples_root(self, flag_source: str | None = None) -> Path:
+        """``samples/`` for the configured flag source; ``samples_<source>/`` for an extra flag pass."""
+        return self.root / ("samples" if flag_source is None else f"samples_{flag_source}")
+
+    def samples(self, variant: str, patient: str, flag_source: str | None = None) -> Path:
+        return self.samples_root(flag_source) / variant / patient
+
+    # ------------------------------------------------------------------ baselines
+    @property
+    def nnunet_dir(self) -> Path:
+        return self.root / "nnunet"
+
+    def baseline_masks(self, baseline: str, patient: str) -> Path:
+        """A deterministic baseline's ``iph.nii.gz`` / ``ivh.nii.gz`` for one patient (model grid)."""
+        return self.root / "baselines" / baseline / patient
+
+    # ------------------------------------------------------------------ evaluation and reports
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    def metric(self, name: str) -> Path:
+        return self.metrics_dir / name
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
+
+    def figure(self, name: str) -> Path:
+        return self.figures_dir / name
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    # ------------------------------------------------------------------ bookkeeping
+    def log(self, name: str, *keys: str) -> Path:
+        """``logs/<name>.log`` or, per wildcard, ``logs/<name>/<k1>/.../<kn>.log``."""
+        if not keys:
+            return self.root / "logs" / f"{name}.log"
+        return self.root / "logs" / name / Path(*keys[:-1]) / f"{keys[-1]}.log"
+
+    @property
+    def failures_dir(self) -> Path:
+        return self.root / "qc" / "failures"
+
+    @property
+    def failures_table(self) -> Path:
+        return self.root / "qc" / "failures.tsv"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow" / "mlflow.db"
 
 
 def raw_dir(cfg: dict[str, Any]) -> Path:
     """Where ``hemexp synth`` writes the synthetic cohort (raw DICOM/NIfTI + manifest)."""
-    return Path(cfg["results_dir"]) / "raw"
+    return Layout.of(cfg).raw
 
 
 def synthetic_manifest_path(cfg: dict[str, Any]) -> Path:
-    return raw_dir(cfg) / "manifest.tsv"
+    return Layout.of(cfg).synthetic_manifest
 
 
 def manifest_path(cfg: dict[str, Any]) -> Path:

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from hemexp.core.commands import add_config_arg, config_from, patient_stage
+from hemexp.core.layout import Layout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,20 +45,19 @@ def _device() -> str:
 
 @patient_stage("encode")
 def _encode(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    from pathlib import Path
 
     from hemexp.core.errors import PatientInputError
-    from hemexp.diffusion.latents import encode_patient, latent_path, save_latents, vae_path
+    from hemexp.diffusion.latents import encode_patient, save_latents
     from hemexp.vae.model import load_vae
 
-    shard = Path(cfg["results_dir"]) / "shards" / f"{args.patient}.parquet"
+    shard = Layout.of(cfg).shard(args.patient)
     if not shard.exists():
         raise PatientInputError(args.patient, shard, "shard not found (run `hemexp shard` first)")
     device = _device()
-    vae = load_vae(vae_path(cfg), map_location=device)
+    vae = load_vae(Layout.of(cfg).vae_model, map_location=device)
     arrays = encode_patient(shard, vae, tuple(cfg["preprocess"]["hu_window"]), int(cfg["latents"]["batch_size"]),
                             device)
-    out = latent_path(cfg, args.patient)
+    out = Layout.of(cfg).latents(args.patient)
     save_latents(out, arrays)
     print(f"{args.patient}: encoded {len(arrays['z'])} slices ({int(arrays['is_target'].sum())} targets), "
           f"latent {tuple(arrays['z_bl'].shape[1:])} -> {out}")
@@ -65,19 +65,19 @@ def _encode(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 def _latent_stats(args: argparse.Namespace) -> int:
     from hemexp.cohort.patients import patients
-    from hemexp.diffusion.latents import compute_stats, latent_path, load_latents, stats_path, write_stats
+    from hemexp.diffusion.latents import compute_stats, load_latents, write_stats
 
     cfg = config_from(args)
-    out = stats_path(cfg)
+    out = Layout.of(cfg).latent_stats
     if cfg["freeze_models"] and out.exists():
         print(f"freeze_models: keeping {out}")
         return 0
     ids = args.patients or sorted(p.patient_id for p in patients(cfg) if p.split == "train")
-    missing = [pid for pid in ids if not latent_path(cfg, pid).exists()]
+    missing = [pid for pid in ids if not Layout.of(cfg).latents(pid).exists()]
     if missing:
         print(f"hemexp latent-stats: latents missing for {missing}", file=sys.stderr)
         return 1
-    stats = compute_stats(load_latents(latent_path(cfg, pid)) for pid in ids)
+    stats = compute_stats(load_latents(Layout.of(cfg).latents(pid)) for pid in ids)
     write_stats(out, stats)
     if stats["skipped"]:
         print(f"skipped non-training patients: {stats['skipped']}", file=sys.stderr)
@@ -88,14 +88,14 @@ def _latent_stats(args: argparse.Namespace) -> int:
 
 def _train_diffusion(args: argparse.Namespace) -> int:
     from hemexp.core.config import variants
-    from hemexp.diffusion.train import run_dir_of, train_diffusion
+    from hemexp.diffusion.train import train_diffusion
 
     cfg = config_from(args)
     if args.variant not in variants(cfg):
         print(f"hemexp train-diffusion: unknown variant {args.variant!r} (configured: {sorted(variants(cfg))})",
               file=sys.stderr)
         return 2
-    model = run_dir_of(cfg, args.variant) / "model.pt"
+    model = Layout.of(cfg).diffusion_model(args.variant)
     if cfg["freeze_models"] and model.exists():
         print(f"freeze_models: keeping {model}")
         return 0

@@ -36,28 +36,11 @@ import numpy as np
 from hemexp.core.clinical import CLINICAL_NAMES, clinical_vector
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import atomic_path, write_json
+from hemexp.io.shards import read_shard
+from hemexp.vae.data import patient_dataset
 
 ARRAY_KEYS = ("z_bl", "z_fu", "z_bl_flip", "z_fu_flip", "z", "z_mm", "is_target", "clinical", "clinical_raw",
               "flag", "he_prob", "spacing_mm", "patient_id", "split", "site")
-
-
-def latents_dir(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["results_dir"]) / "latents"
-
-
-def latent_path(cfg: dict[str, Any], patient_id: str) -> Path:
-    """``results/latents/{p}.npz``."""
-    return latents_dir(cfg) / f"{patient_id}.npz"
-
-
-def vae_path(cfg: dict[str, Any]) -> Path:
-    """The frozen VAE the cache is encoded with (``results/models/vae/vae.pt``)."""
-    return Path(cfg["results_dir"]) / "models" / "vae" / "vae.pt"
-
-
-def stats_path(cfg: dict[str, Any]) -> Path:
-    """``results/latents/stats.json``."""
-    return latents_dir(cfg) / "stats.json"
 
 
 @dataclass(frozen=True)
@@ -113,8 +96,6 @@ def encode_patient(shard_path: str | Path, vae: Any, hu_window: tuple[float, flo
     raises :class:`PatientInputError` for an empty shard, a slice size the VAE cannot take, or an
     expansion label that is not one 0/1 value.
     """
-    from hemexp.io.shards import read_shard
-    from hemexp.vae.data import patient_dataset
 
     ds = patient_dataset(shard_path, context=1, hu_window=hu_window)
     pid = Path(shard_path).stem

@@ -5,7 +5,8 @@ baseline latent(s) to the noisy progression and routes clinical vector and expan
 :class:`hemexp.diffusion.conditioning.ConditionEmbedding` (see that module for why this is the smallest
 extension of MONAI's forward). Schedules, noising and the v target are MONAI's schedulers'; the only
 hand-written algebra is the min-SNR-γ weight (Hang et al., ICCV 2023), which no installed library
-provides, and the x0/ε recovery from v used by tests and the sample grid.
+provides, and the x0/ε recovery from v used by tests. The guided DDIM loop is
+:mod:`hemexp.diffusion.ddim`'s.
 
 **What the sampling stage calls**
 
@@ -15,8 +16,8 @@ provides, and the x0/ε recovery from v used by tests and the sample grid.
 * ``v = model(x_t, t, baseline, clinical, flag, drop_clinical)`` with ``x_t`` ``[B, C, h, w]``
   (noisy normalised Δz), ``t`` ``[B]`` long, ``baseline`` ``[B, C*context, h, w]`` (normalised
   baseline latents of the context slices in z order, centre in the middle), ``clinical`` ``[B, 7]``,
-  ``flag`` ``[B]`` long, ``drop_clinical`` ``[B]`` bool (True = null clinical embedding). For CFG put
-  the conditional and the null copies in one batch and combine ``v_null + w (v_cond - v_null)``.
+  ``flag`` ``[B]`` long, ``drop_clinical`` ``[B]`` bool (True = null clinical embedding). Classifier-free
+  guidance and the DDIM loop: :func:`hemexp.diffusion.ddim.ddim_loop`.
 * ``ddim_scheduler(sched_cfg, steps)`` — MONAI ``DDIMScheduler`` with the training schedule,
   v-prediction and sample clipping off (normalised Δz is not confined to [-1, 1]).
 """
@@ -185,36 +186,6 @@ def x0_eps_from_v(v: torch.Tensor, x_t: torch.Tensor, alphas_cumprod: torch.Tens
     """Recover (x0, ε) from a v prediction: x0 = √ᾱ x_t − √(1−ᾱ) v, ε = √ᾱ v + √(1−ᾱ) x_t."""
     a = alphas_cumprod.to(x_t.device, x_t.dtype)[t].reshape(-1, *([1] * (x_t.ndim - 1)))
     return a.sqrt() * x_t - (1 - a).sqrt() * v, a.sqrt() * v + (1 - a).sqrt() * x_t
-
-
-@torch.no_grad()
-def ddim_sample(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], baseline: torch.Tensor,
-                clinical: torch.Tensor | None, flag: torch.Tensor | None, steps: int,
-                guidance_scale: float = 1.0, eta: float = 0.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Normalised Δz samples ``[B, C, h, w]`` by DDIM with classifier-free guidance on the clinical branch.
-
-    Guidance ``w``: 0 = null clinical embedding, 1 = conditional, > 1 = extrapolated; conditional and
-    null branches run as one batch of ``2B``. A reference loop (used for the training sample grid);
-    the sampling stage adds chunking and 3D reassembly around the same calls.
-    """
-    sched = ddim_scheduler(sched_cfg, steps)
-    b = baseline.shape[0]
-    shape = (b, model.latent_channels, *baseline.shape[-2:])
-    x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(baseline.device)
-    guided = model.uses_clinical and guidance_scale != 1.0
-    for t in sched.timesteps:
-        tt = torch.full((b,), int(t), dtype=torch.long, device=baseline.device)
-        if guided:
-            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-            v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([baseline, baseline]),
-                      torch.cat([clinical, clinical]), None if flag is None else torch.cat([flag, flag]), drop)
-            v_cond, v_null = v.float().chunk(2)
-            v = v_null + guidance_scale * (v_cond - v_null)
-        else:
-            v = model(x, tt, baseline, clinical, flag).float()
-        x, _ = sched.step(v, int(t), x, eta=eta, generator=generator)
-    return x
 
 
 # ----------------------------------------------------------------------------- saved model

@@ -31,17 +31,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hemexp.cohort.patients import patients
 from hemexp.core.clinical import CLINICAL_NAMES
-from hemexp.diffusion.latents import PatientLatents, denormalise, normalise
+from hemexp.core.config import variants
+from hemexp.core.files import read_json, save_figure, write_json
+from hemexp.core.layout import Layout
+from hemexp.diffusion.ddim import ddim_sample
+from hemexp.diffusion.latents import PatientLatents, check_stats, denormalise, load_latents, normalise
 from hemexp.diffusion.model import (
     ConditionalLatentUNet,
     build_model,
-    ddim_sample,
     ddpm_scheduler,
     min_snr_weight,
+    model_config,
+    save_diffusion,
+    scheduler_config,
     snr,
 )
 from hemexp.engine import trainer as common
+from hemexp.tracking.runs import RUN_ID_FILE, start_run
+from hemexp.vae.data import step_slices_from_config
+from hemexp.vae.model import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -252,16 +262,10 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
                     trainer_overrides: dict[str, Any] | None = None) -> Path:
     """``hemexp train-diffusion {v}``: train one variant on the training latents; write ``model.pt``,
     ``sample_grid.png`` and ``summary.json``; track everything in the variant's MLflow run."""
-    from hemexp.core.config import variants
-    from hemexp.core.files import write_json
-    from hemexp.diffusion.latents import vae_path
-    from hemexp.diffusion.model import model_config, save_diffusion, scheduler_config
-    from hemexp.tracking.runs import RUN_ID_FILE, start_run
-    from hemexp.vae.data import step_slices_from_config
 
     spec = variants(cfg)[variant]
     dcfg = cfg["diffusion"]
-    run_dir = run_dir_of(cfg, variant)
+    run_dir = Layout.of(cfg).diffusion_dir(variant)
     lats, stats, train_ids = training_latents(cfg)
     step = step_slices_from_config(cfg)
     dataset = LatentPairs(lats, stats, spec.context, step, flips=bool(dcfg["hflip"]))
@@ -275,9 +279,7 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     fingerprint = common.training_fingerprint(fingerprint_cfg(dcfg), info, cfg["seed"], stats["mean"],
                                               stats["std"], train_ids)
     rank0 = common.global_rank() == 0
-    if rank0 and common.resume_checkpoint(run_dir, fingerprint, resume) is None:
-        (run_dir / RUN_ID_FILE).unlink(missing_ok=True)  # a fresh training is a fresh MLflow run
-        resume = False
+    resume = common.resume_or_start_afresh(run_dir, fingerprint, resume, forget=(RUN_ID_FILE,))
     log.info("diffusion %s: %d target slices from %d patients (%d expansion), run dir %s", variant,
              len(dataset), len(train_ids), int(dataset.flags.sum()), run_dir)
     pl.seed_everything(int(cfg["seed"]), workers=True, verbose=False)  # init; the rest is step-indexed
@@ -291,7 +293,7 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
         if trainer.is_global_zero:
             module.model.eval()
             save_diffusion(out, module.model, model_cfg, info, sched_cfg)
-            grid = sample_grid(module.model, sched_cfg, dataset, stats, vae_path(cfg), run_dir / "sample_grid.png",
+            grid = sample_grid(module.model, sched_cfg, dataset, stats, Layout.of(cfg).vae_model, run_dir / "sample_grid.png",
                                seed=int(cfg["seed"]))
             summary = {"variant": info, "steps": trainer.global_step, "train_seconds": seconds,
                        "n_items": len(dataset), "n_patients": len(train_ids),
@@ -304,27 +306,19 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     return out
 
 
-def run_dir_of(cfg: dict[str, Any], variant: str) -> Path:
-    """``results/models/diffusion/{v}``: checkpoints, ``model.pt``, grid and MLflow run id."""
-    return Path(cfg["results_dir"]) / "models" / "diffusion" / variant
-
-
 def training_latents(cfg: dict[str, Any]) -> tuple[list[PatientLatents], dict[str, Any], list[str]]:
     """Cached latents of the cohort's training patients and the latent stats (missing files: error)."""
-    from hemexp.cohort.patients import patients
-    from hemexp.core.files import read_json
-    from hemexp.diffusion.latents import check_stats, latent_path, load_latents, stats_path
 
     ids = sorted(p.patient_id for p in patients(cfg) if p.split == "train")
-    missing = [pid for pid in ids if not latent_path(cfg, pid).exists()]
+    missing = [pid for pid in ids if not Layout.of(cfg).latents(pid).exists()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} training latent file(s) missing, e.g. {latent_path(cfg, missing[0])}"
+        raise FileNotFoundError(f"{len(missing)} training latent file(s) missing, e.g. {Layout.of(cfg).latents(missing[0])}"
                                 " (run `hemexp encode` first)")
-    lats = [load_latents(latent_path(cfg, pid)) for pid in ids]
+    lats = [load_latents(Layout.of(cfg).latents(pid)) for pid in ids]
     wrong = [lat.patient_id for lat in lats if lat.split != "train"]
     if wrong:
         raise ValueError(f"latent files of {wrong} are not from the train split; re-encode them")
-    stats = read_json(stats_path(cfg))
+    stats = read_json(Layout.of(cfg).latent_stats)
     check_stats(stats, int(lats[0].z_bl.shape[1]))
     return lats, stats, ids
 
@@ -379,8 +373,6 @@ def sample_grid(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], dataset
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hemexp.core.files import save_figure
-    from hemexp.vae.model import load_vae
 
     device = next(model.parameters()).device
     vae = load_vae(vae_file, map_location=device)

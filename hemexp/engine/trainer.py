@@ -184,6 +184,17 @@ def resume_checkpoint(run_dir: str | Path, fingerprint: str, resume: bool | None
     return None
 
 
+def resume_or_start_afresh(run_dir: str | Path, fingerprint: str, resume: bool | None,
+                           forget: tuple[str, ...] = ()) -> bool | None:
+    """The ``resume`` to train with: on rank 0, a run that cannot resume starts afresh (``False``) and the
+    files in ``forget`` (the MLflow run id) are removed, so a fresh training is also a fresh tracked run."""
+    if global_rank() == 0 and resume_checkpoint(run_dir, fingerprint, resume) is None:
+        for name in forget:
+            (Path(run_dir) / name).unlink(missing_ok=True)
+        return False
+    return resume
+
+
 # -------------------------------------------------------------------------------------- callbacks
 def checkpoint_callback(run_dir: str | Path, every_n_steps: int) -> ModelCheckpoint:
     """Writes only ``run_dir/last.ckpt`` every N optimizer steps (Lightning's own write is atomic)."""

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from hemexp.core.commands import add_config_arg, config_from
+from hemexp.core.layout import Layout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,10 +93,8 @@ def _perturb(args: argparse.Namespace) -> int:
 
 def _run_perturb(cfg: dict[str, Any], variant: str, ids: list[str], device: str | None, log_mlflow: bool
                  ) -> dict[str, float]:
-    from pathlib import Path
 
     from hemexp.core.runtime import get_logger
-    from hemexp.diffusion.latents import stats_path, vae_path
     from hemexp.evaluation.guidance.run import run_study, study_settings, trained_loader, write_study_products
     from hemexp.sampling.sampler import SamplerSettings, load_bundle
     from hemexp.sampling.scenarios import scenarios_from_config
@@ -104,19 +103,19 @@ def _run_perturb(cfg: dict[str, Any], variant: str, ids: list[str], device: str 
     single, profiles = scenarios_from_config(ev)
     default_scale = float(cfg["sampling"]["guidance_scale"])
     settings = study_settings(single, profiles, ev["guidance_scales"], default_scale)
-    model = Path(cfg["results_dir"]) / "models" / "diffusion" / variant / "model.pt"
-    bundle = load_bundle(vae_path(cfg), model, stats_path(cfg), device)
+    model = Layout.of(cfg).diffusion_model(variant)
+    bundle = load_bundle(Layout.of(cfg).vae_model, model, Layout.of(cfg).latent_stats, device)
     loader = trained_loader(cfg, bundle, SamplerSettings.from_config(cfg["sampling"]), int(ev["n_samples"]))
     result = run_study(ids, loader, settings)
     numbers = write_study_products(cfg, variant, result, single, default_scale)
     if log_mlflow:
         from hemexp.evaluation.table2 import log_variant_results
 
-        results = Path(cfg["results_dir"])
+        layout = Layout.of(cfg)
         try:
             log_variant_results(cfg, variant, {f"perturb.{k}": v for k, v in numbers.items()},
-                                artifacts=[results / "figures" / "perturbation.png",
-                                           results / "metrics" / "perturbation.md"], artifact_path="perturbation")
+                                artifacts=[layout.figure("perturbation.png"),
+                                           layout.metric("perturbation.md")], artifact_path="perturbation")
         except FileNotFoundError as err:
             get_logger(__name__).warning("MLflow: %s", err)
     return numbers

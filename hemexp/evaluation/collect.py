@@ -8,19 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 
+from hemexp.baselines.nnunet.dataset import baseline_methods
 from hemexp.core.clinical import mask_volume_ml
 from hemexp.core.config import sampled_variants, variants
 from hemexp.core.errors import PatientInputError
-from hemexp.core.files import read_json
+from hemexp.core.layout import Layout
 from hemexp.core.runtime import get_logger
 from hemexp.evaluation.table2 import (
     copy_baseline_row,
     metrics_from_files,
 )
+from hemexp.io.masks import read_mask
+from hemexp.io.nifti import affine_spacing_mm
+from hemexp.preprocess.pipeline import read_summary
+from hemexp.sampling.flags import flag_source_passes
 
 log = get_logger(__name__)
 
@@ -28,12 +31,6 @@ SAMPLE_MASK = "samples/sample_{k:02d}_{structure}.nii.gz"
 
 
 VOLUME_COLUMNS = ("sample", "flag", "flag_source", "iph_ml", "ivh_ml", "total_ml", "baseline_iph_ml")
-
-
-NNUNET_METHODS = {"nnunet_2d": "nnUNet-2D", "nnunet_3d": "nnUNet-3D"}
-
-
-FLAG_SOURCES = ("oracle", "classifier", "external")
 
 
 # ---------------------------------------------------------------------------- what to evaluate
@@ -51,50 +48,14 @@ class SamplePass:
         return self.root / patient_id
 
 
-def flag_source_passes(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-    """``evaluation.flag_source_passes`` checked: source -> flag-conditioned sampled variants.
-
-    A source equal to ``sampling.flag_source`` is dropped (the main pass already is that source).
-    Raises ``ValueError`` naming a variant that is not sampled or does not see the flag, because a
-    classifier-flag row of a variant that ignores the flag would be a duplicate of its main row.
-    """
-    spec = cfg["evaluation"].get("flag_source_passes") or {}
-    known, sampled = variants(cfg), set(sampled_variants(cfg))
-    main = str(cfg["sampling"]["flag_source"])
-    out: dict[str, list[str]] = {}
-    for source, names in spec.items():
-        if source not in FLAG_SOURCES:
-            raise ValueError(f"evaluation.flag_source_passes: unknown flag source {source!r} (allowed: {FLAG_SOURCES})")
-        for name in names:
-            if name not in sampled:
-                raise ValueError(f"evaluation.flag_source_passes.{source}: {name!r} is not a sampled variant "
-                                 f"(sampled: {sorted(sampled)})")
-            if not known[name].uses_flag:
-                raise ValueError(f"evaluation.flag_source_passes.{source}: variant {name!r} is not flag-conditioned "
-                                 "(conditioning without 'e'), a flag pass would repeat its main row")
-        if source != main and names:
-            out[source] = list(dict.fromkeys(names))
-    return out
-
-
-def pass_root(cfg: Mapping[str, Any], source: str | None) -> Path:
-    """``results/samples`` (main pass) or ``results/samples_{source}`` (extra flag-source pass)."""
-    return Path(cfg["results_dir"]) / ("samples" if source is None else f"samples_{source}")
-
-
 def sample_passes(cfg: Mapping[str, Any]) -> list[SamplePass]:
     """The main pass of every sampled variant, then the extra flag-source passes."""
     known = variants(cfg)
     main = str(cfg["sampling"]["flag_source"])
-    out = [SamplePass(v, v, pass_root(cfg, None) / v, main, known[v].uses_flag) for v in sampled_variants(cfg)]
+    out = [SamplePass(v, v, Layout.of(cfg).samples_root(None) / v, main, known[v].uses_flag) for v in sampled_variants(cfg)]
     for source, names in flag_source_passes(cfg).items():
-        out += [SamplePass(f"{v} ({source} flag)", v, pass_root(cfg, source) / v, source, True) for v in names]
+        out += [SamplePass(f"{v} ({source} flag)", v, Layout.of(cfg).samples_root(source) / v, source, True) for v in names]
     return out
-
-
-def nnunet_baselines(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """Configured nnU-Net baselines: config name -> Table 2 method label."""
-    return {b: NNUNET_METHODS[b] for b in cfg["baselines"] if b in NNUNET_METHODS}
 
 
 def method_slug(method: str) -> str:
@@ -121,19 +82,12 @@ def read_volumes(patient_id: str, path: str | Path) -> pd.DataFrame:
 def reference_truth(patient_id: str, pre_dir: str | Path) -> dict[str, Any]:
     """True follow-up volumes (mL, model grid, IPH + IVH as the sampler sums them) and expansion status."""
     pre_dir = Path(pre_dir)
-    summary_path = pre_dir / "summary.json"
-    if not summary_path.is_file():
-        raise PatientInputError(patient_id, summary_path, "preprocess summary.json missing")
+    summary = read_summary(patient_id, pre_dir)
     vols = {}
     for s in ("iph", "ivh"):
-        path = pre_dir / f"fu_{s}.nii.gz"
-        try:
-            img = nib.load(str(path))
-            data = np.asarray(img.dataobj) > 0.5
-        except (OSError, ValueError) as err:
-            raise PatientInputError(patient_id, path, f"cannot read follow-up mask: {err}") from err
-        vols[s] = mask_volume_ml(data, tuple(float(z) for z in np.linalg.norm(img.affine[:3, :3], axis=0)))
-    return {"expansion": bool(read_json(summary_path)["expansion"]), "truth_iph_ml": vols["iph"],
+        mask, affine = read_mask(pre_dir / f"fu_{s}.nii.gz", patient_id, f"follow-up {s.upper()} mask")
+        vols[s] = mask_volume_ml(mask, affine_spacing_mm(affine))
+    return {"expansion": bool(summary["expansion"]), "truth_iph_ml": vols["iph"],
             "truth_ivh_ml": vols["ivh"], "truth_total_ml": vols["iph"] + vols["ivh"]}
 
 
@@ -159,8 +113,8 @@ def baseline_patient_rows(cfg: Mapping[str, Any], patient_id: str, pre_dir: Path
                           truth: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Copy-baseline row and one row per configured nnU-Net baseline whose masks exist."""
     rows = [copy_baseline_row(patient_id, pre_dir)] if "copy" in cfg["baselines"] else []
-    for name, method in nnunet_baselines(cfg).items():
-        folder = Path(cfg["results_dir"]) / "baselines" / name / patient_id
+    for name, method in baseline_methods(cfg).items():
+        folder = Layout.of(cfg).baseline_masks(name, patient_id)
         masks = [folder / f"{s}.nii.gz" for s in ("iph", "ivh")]
         if not all(m.is_file() for m in masks):
             log.warning("%s: no %s prediction in %s; left out of Table 2", patient_id, method, folder)
@@ -186,7 +140,7 @@ def collect(cfg: Mapping[str, Any], patient_ids: Sequence[str], passes: Sequence
     metric_rows: list[dict[str, Any]] = []
     volume_frames: list[pd.DataFrame] = []
     for pid in sorted(patient_ids):
-        pre_dir = Path(cfg["results_dir"]) / "preprocessed" / pid
+        pre_dir = Layout.of(cfg).preprocessed(pid)
         truth = reference_truth(pid, pre_dir)
         metric_rows += baseline_patient_rows(cfg, pid, pre_dir, truth)
         for sp in passes:

@@ -12,6 +12,9 @@ Metrics, per structure (IPH, and total hemorrhage = IPH ∪ IVH):
   reference R (the paper's "COV").
 * ``dice`` — 2|P ∩ R| / (|P| + |R|), reported for completeness.
 
+Volume and Dice are :func:`hemexp.core.clinical.mask_volume_ml` and :func:`hemexp.core.clinical.dice`,
+the definitions every stage shares (the sampler's volumes, the preprocess QC).
+
 Empty-mask convention (:data:`EMPTY_MASK_CONVENTION`, also printed under Table 2):
 
 ====================  =====  =====  =====  ===========
@@ -39,6 +42,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hemexp.core.clinical import dice, mask_volume_ml
+
 STRUCTURES = ("iph", "total")
 METRICS = ("mae", "assd", "cov", "dice")
 
@@ -65,15 +70,10 @@ def _check_pair(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float]) 
         raise ValueError(f"spacing must be positive and finite, got {tuple(spacing_mm)}")
 
 
-def volume_ml(mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
-    """Mask volume in mL (1 mL = 1000 mm³)."""
-    return float(np.count_nonzero(mask)) * float(np.prod(spacing_mm)) / 1000.0
-
-
 def absolute_volume_error_ml(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float]) -> float:
     """|V_pred − V_ref| in mL."""
     _check_pair(np.asarray(pred), np.asarray(ref), spacing_mm)
-    return abs(volume_ml(pred, spacing_mm) - volume_ml(ref, spacing_mm))
+    return abs(mask_volume_ml(pred, spacing_mm) - mask_volume_ml(ref, spacing_mm))
 
 
 def coverage(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -85,17 +85,6 @@ def coverage(pred: np.ndarray, ref: np.ndarray) -> float:
     if n_ref == 0:
         return 1.0 if not p.any() else float("nan")
     return float(np.count_nonzero(p & r)) / n_ref
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """2|P ∩ R| / (|P| + |R|); 1 when both are empty."""
-    p, r = _as_bool(pred), _as_bool(ref)
-    if p.shape != r.shape:
-        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
-    denom = int(np.count_nonzero(p)) + int(np.count_nonzero(r))
-    if denom == 0:
-        return 1.0
-    return 2.0 * float(np.count_nonzero(p & r)) / denom
 
 
 def assd_mm(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float]) -> float:
@@ -132,8 +121,8 @@ def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[fl
         "assd": assd_mm(p, r, spacing_mm),
         "cov": coverage(p, r),
         "dice": dice(p, r),
-        "pred_ml": volume_ml(p, spacing_mm),
-        "ref_ml": volume_ml(r, spacing_mm),
+        "pred_ml": mask_volume_ml(p, spacing_mm),
+        "ref_ml": mask_volume_ml(r, spacing_mm),
     }
 
 

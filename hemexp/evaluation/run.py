@@ -18,7 +18,6 @@ IVH mL on the model grid), applied to the reference masks, so a sample and its t
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,20 @@ import numpy as np
 import pandas as pd
 
 from hemexp.core.files import atomic_path, write_json
+from hemexp.core.layout import Layout
 from hemexp.core.runtime import get_logger
+from hemexp.core.tables import fmt_floats, markdown_table, write_csv, write_html
+from hemexp.evaluation.calibration import (
+    calibration_note,
+    calibration_summary,
+    patient_calibration,
+    rank_histogram,
+)
 from hemexp.evaluation.collect import SamplePass, collect, method_slug, sample_passes
+from hemexp.evaluation.figures import plot_pit_histogram
 from hemexp.evaluation.table2 import (
     adherence_table,
-    markdown_table,
+    log_variant_results,
     patient_means,
     table2,
     table2_footnote,
@@ -41,29 +49,6 @@ from hemexp.evaluation.table2 import (
 )
 
 log = get_logger(__name__)
-
-
-# ---------------------------------------------------------------------------- HTML for the report
-def write_html(path: str | Path, title: str, sections: Sequence[tuple[str, pd.DataFrame]],
-               notes: Sequence[str] = ()) -> None:
-    """Small self-contained HTML page of tables (Snakemake's report shows HTML inline, Markdown not)."""
-    style = ("body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse;margin:8px 0}"
-             "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
-             "pre{white-space:pre-wrap}")
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{style}</style></head><body><h2>{html.escape(title)}</h2>"]
-    for heading, frame in sections:
-        if heading:
-            parts.append(f"<h3>{html.escape(heading)}</h3>")
-        parts.append(frame.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}", border=0))
-    parts += [f"<pre>{html.escape(n)}</pre>" for n in notes if n]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(parts) + "</body></html>\n")
-
-
-def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
 
 
 def _finite(d: Mapping[str, Any]) -> dict[str, float]:
@@ -153,15 +138,6 @@ def write_adherence_products(volumes: pd.DataFrame, out_dir: Path) -> pd.DataFra
     return table
 
 
-def fmt_floats(frame: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """Floats rounded for Markdown (CSV/JSON keep full precision)."""
-    out = frame.copy()
-    for col in out.columns:
-        if pd.api.types.is_float_dtype(out[col]):
-            out[col] = out[col].map(lambda v: "-" if pd.isna(v) else f"{v:.{digits}g}")
-    return out
-
-
 # ---------------------------------------------------------------------------- calibration
 @dataclass
 class Calibration:
@@ -175,7 +151,6 @@ class Calibration:
 
 def calibrate(volumes: pd.DataFrame, levels: Sequence[float], seed: int) -> Calibration:
     """Interval coverage and PIT rank of the true follow-up total volume, per HemExp method."""
-    from hemexp.evaluation.calibration import calibration_summary, patient_calibration, rank_histogram
 
     summaries, patients, ranks, ns = [], [], {}, {}
     for method, grp in volumes.groupby("method", sort=False):
@@ -202,8 +177,6 @@ def headline_method(cfg: Mapping[str, Any], passes: Sequence[SamplePass]) -> str
 
 def write_calibration_products(cal: Calibration, headline: str, out_dir: Path, pit_path: Path) -> str:
     """calibration.{csv,md,json,html}, calibration_per_patient.csv and the PIT figure of ``headline``."""
-    from hemexp.evaluation.calibration import calibration_note
-    from hemexp.evaluation.figures import plot_pit_histogram
 
     write_csv(cal.summary, out_dir / "calibration.csv")
     write_csv(cal.per_patient, out_dir / "calibration_per_patient.csv")
@@ -259,7 +232,6 @@ def log_runs(cfg: Mapping[str, Any], passes: Sequence[SamplePass], patients: pd.
     A variant without a recorded run (a model trained elsewhere and copied in) is skipped with a
     warning: the tables on disk are the product, the MLflow copy is for comparison.
     """
-    from hemexp.evaluation.table2 import log_variant_results
 
     logged = []
     for variant in dict.fromkeys(sp.variant for sp in passes):
@@ -280,8 +252,7 @@ def run_evaluation(cfg: Mapping[str, Any], patient_ids: Sequence[str], log_mlflo
     Products: ``results/metrics/{table2,adherence,calibration}.{csv,md,json,html}``,
     ``metrics_per_sample.csv``, ``calibration_per_patient.csv`` and ``results/figures/pit.png``.
     """
-    results = Path(cfg["results_dir"])
-    out_dir, fig_dir = results / "metrics", results / "figures"
+    out_dir, fig_dir = Layout.of(cfg).metrics_dir, Layout.of(cfg).figures_dir
     passes = sample_passes(cfg)
     data = collect(cfg, patient_ids, passes)
     patients = write_table2_products(data.metrics, passes, out_dir, int(cfg["sampling"]["n_samples"]))

@@ -18,17 +18,23 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from hemexp.baselines.nnunet.dataset import NNUNET_BASELINES
 from hemexp.core.clinical import is_expansion
 from hemexp.core.errors import PatientInputError
-from hemexp.core.files import atomic_path, read_json
+from hemexp.core.files import atomic_path
+from hemexp.core.layout import Layout
+from hemexp.core.tables import markdown_table, write_csv
 from hemexp.evaluation.metrics import EMPTY_MASK_CONVENTION, METRICS, hemorrhage_metrics
+from hemexp.io.masks import read_mask
+from hemexp.io.nifti import affine_spacing_mm, grid_mismatch
+from hemexp.preprocess.pipeline import read_summary
+from hemexp.tracking.runs import RUN_ID_FILE, log_to_model_run
 
 COPY_BASELINE = "copy-baseline"
-BASELINE_ORDER = (COPY_BASELINE, "nnUNet-2D", "nnUNet-3D")
+BASELINE_ORDER = (COPY_BASELINE, *(b.method for b in NNUNET_BASELINES.values()))  # Table 2 row order
 GROUPS = ((True, "Expansion"), (False, "Non-exp."))
 TABLE_METRICS = ("mae", "assd", "cov")
 METRIC_LABELS = {"mae": "MAE (mL)", "assd": "ASSD (mm)", "cov": "COV"}
@@ -37,38 +43,23 @@ METRIC_COLUMNS = tuple(f"{s}_{m}" for s in ("iph", "total") for m in METRICS)
 
 
 # ---------------------------------------------------------------------------- metric rows from files
-def _load_mask(patient_id: str, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except (OSError, ValueError) as err:  # missing, truncated or non-NIfTI file
-        raise PatientInputError(patient_id, path, f"cannot read mask: {err}") from err
-    if data.ndim != 3:
-        raise PatientInputError(patient_id, path, f"mask must be 3-D, got shape {data.shape}")
-    return data > 0.5, img.affine
-
-
-def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-
-
 def metrics_from_files(patient_id: str, pred_iph: str | Path, pred_ivh: str | Path,
                        ref_iph: str | Path, ref_ivh: str | Path) -> dict[str, float]:
     """Metric row of one predicted follow-up (NIfTI masks) against the reference masks.
 
-    The prediction must lie on the reference grid (same shape and affine within 1e-3 mm); anything
+    The prediction must lie on the reference grid (:func:`hemexp.io.nifti.grid_mismatch`); anything
     else is a per-patient input error rather than a silent resampling. Spacing comes from the
     reference affine.
     """
-    ref_i, aff = _load_mask(patient_id, ref_iph)
-    ref_v, aff_v = _load_mask(patient_id, ref_ivh)
-    pred_i, aff_pi = _load_mask(patient_id, pred_iph)
-    pred_v, aff_pv = _load_mask(patient_id, pred_ivh)
+    ref_i, aff = read_mask(ref_iph, patient_id, "reference IPH mask")
+    ref_v, aff_v = read_mask(ref_ivh, patient_id, "reference IVH mask")
+    pred_i, aff_pi = read_mask(pred_iph, patient_id, "predicted IPH mask")
+    pred_v, aff_pv = read_mask(pred_ivh, patient_id, "predicted IVH mask")
     for path, arr, a in ((ref_ivh, ref_v, aff_v), (pred_iph, pred_i, aff_pi), (pred_ivh, pred_v, aff_pv)):
-        if arr.shape != ref_i.shape or not np.allclose(a, aff, atol=1e-3):
-            raise PatientInputError(patient_id, path, f"grid {arr.shape} differs from the reference grid {ref_i.shape} "
-                                                      f"of {ref_iph} (shape or affine)")
-    return hemorrhage_metrics(pred_i, pred_v, ref_i, ref_v, _spacing(aff))
+        problem = grid_mismatch(arr.shape, a, ref_i.shape, aff, what="mask", ref_what="reference")
+        if problem:
+            raise PatientInputError(patient_id, path, f"{problem}; reference: {ref_iph}")
+    return hemorrhage_metrics(pred_i, pred_v, ref_i, ref_v, affine_spacing_mm(aff))
 
 
 def copy_baseline_row(patient_id: str, preprocessed_dir: str | Path) -> dict[str, Any]:
@@ -78,10 +69,7 @@ def copy_baseline_row(patient_id: str, preprocessed_dir: str | Path) -> dict[str
     for the true expansion status.
     """
     d = Path(preprocessed_dir)
-    summary_path = d / "summary.json"
-    if not summary_path.exists():
-        raise PatientInputError(patient_id, summary_path, "preprocess summary.json missing")
-    summary = read_json(summary_path)
+    summary = read_summary(patient_id, d)
     row = metrics_from_files(patient_id, d / "bl_iph.nii.gz", d / "bl_ivh.nii.gz",
                              d / "fu_iph.nii.gz", d / "fu_ivh.nii.gz")
     return {"method": COPY_BASELINE, "patient_id": patient_id, "sample": 0,
@@ -175,19 +163,9 @@ def table2_footnote(patients: pd.DataFrame, n_samples: int | None = None) -> str
     return " ".join(parts)
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """GitHub-flavoured Markdown of a small string table (no extra dependency)."""
-    cols = [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def write_table2(table: pd.DataFrame, csv_path: str | Path, md_path: str | Path, footnote: str = "") -> None:
     """Write Table 2 as CSV and as Markdown with the footnote below it (both atomic)."""
-    with atomic_path(csv_path) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(table, csv_path)
     with atomic_path(md_path) as tmp:
         tmp.write_text("# Table 2: follow-up synthesis by expansion status\n\n" + markdown_table(table)
                        + (f"\n{footnote}\n" if footnote else ""))
@@ -266,10 +244,8 @@ def log_variant_results(cfg: dict[str, Any], variant: str, metrics: dict[str, fl
     The run is found through ``results/models/diffusion/{variant}/mlflow_run_id.txt`` (written when
     the model was trained), so evaluation and training compare side by side in the MLflow UI.
     """
-    from hemexp.core.config import results_path
-    from hemexp.tracking.runs import RUN_ID_FILE, log_to_model_run
 
-    run_dir = results_path(cfg, "models", "diffusion", variant)
+    run_dir = Layout.of(cfg).diffusion_dir(variant)
     if not (run_dir / RUN_ID_FILE).exists():
         raise FileNotFoundError(f"no MLflow run recorded for diffusion variant {variant!r} ({run_dir / RUN_ID_FILE})")
     log_to_model_run(cfg, run_dir, metrics, artifacts=list(artifacts), artifact_path=artifact_path)

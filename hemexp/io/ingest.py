@@ -19,8 +19,8 @@ import numpy as np
 
 from hemexp.core.errors import PatientInputError
 from hemexp.io.dicom import load_dicom_folder
-from hemexp.io.masks import MaskFormatError, binarise_mask, grid_mismatch
-from hemexp.io.nifti import canonical, is_nifti_path, make_image, read_volume, spacing_mm
+from hemexp.io.masks import read_mask
+from hemexp.io.nifti import canonical, grid_mismatch, is_nifti_path, make_image, read_volume, spacing_mm
 
 # Air is -1000 HU; scanners pad outside the reconstruction circle with -2000/-3024 and clip at
 # 3071 (12-bit). Clipping to this range makes padding look like air to registration and templates.
@@ -83,21 +83,18 @@ def load_mask(
 
     Accepts {0,1}, {0,255} and label maps (``label_map=True``: ``labels[which]`` selects the
     structure); see :func:`hemexp.io.masks.binarise_mask`. The mask must have been drawn on this CT:
-    shape and affine must match after canonicalisation (tolerances in :mod:`hemexp.io.masks`);
+    shape and affine must match after canonicalisation (tolerances in :mod:`hemexp.io.nifti`);
     otherwise the error names both files, both shapes and both voxel sizes. ``reference_path``
     defaults to the CT's ``extra["source_path"]`` set by :func:`load_ct`.
     """
     if which not in MASK_KINDS:
         raise ValueError(f"which must be one of {MASK_KINDS}, got {which!r}")
     path = Path(path)
-    data, affine = read_volume(path, patient_id, what=f"{which.upper()} mask")
-    try:
-        binary = binarise_mask(data, which, labels, label_map)
-    except MaskFormatError as err:
-        raise PatientInputError(patient_id, path, f"{which.upper()} mask: {err}") from err
+    binary, affine = read_mask(path, patient_id, f"{which.upper()} mask", which=which, labels=labels,
+                               label_map=label_map)
     img = canonical(make_image(binary, affine))
     ref = canonical(reference_ct)
-    problem = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine)
+    problem = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, context="after RAS canonicalisation")
     if problem:
         ref_file = reference_path or reference_ct.extra.get("source_path") or reference_ct.get_filename()
         raise PatientInputError(patient_id, path, f"{which.upper()} {problem}; CT file: {ref_file or 'unknown'}")

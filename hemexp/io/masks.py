@@ -1,15 +1,18 @@
 """Hemorrhage mask loading: binary {0,1}, {0,255} and label maps.
 
 Sites export masks differently (ITK-SNAP label maps, binary NIfTI, 0/255 PNG-derived volumes); this is
-the one place that turns any of them into a uint8 {0,1} array for IPH or IVH.
+the one place that turns any of them into a uint8 {0,1} array for IPH or IVH, and :func:`read_mask` is
+the one mask-file reader every stage uses (site exports and the pipeline's own {0,1} products alike).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+
+from hemexp.core.errors import PatientInputError
+from hemexp.io.nifti import read_volume
 
 
 class MaskFormatError(ValueError):
@@ -44,31 +47,26 @@ def binarise_mask(values: np.ndarray, which: str, labels: dict[str, int], label_
     )
 
 
-def load_mask_nifti(path: str | Path, which: str, labels: dict[str, int], label_map: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 mask, 4x4 affine) from a NIfTI file, in the file's voxel order."""
-    img = nib.load(str(path))
-    return binarise_mask(np.asarray(img.dataobj), which, labels, label_map), img.affine
+def read_mask(path: str | Path, patient_id: str, what: str = "mask", *, which: str = "",
+              labels: dict[str, int] | None = None, label_map: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 {0,1} 3D mask, 4x4 affine) of a NIfTI mask file, in its stored voxel order.
 
+    The one mask reader. Without ``labels`` it reads a *pipeline product* (preprocessed, sampled,
+    baseline-predicted masks), which this pipeline always writes as {0,1}: any other value means a
+    foreign or damaged file and is rejected, not thresholded (a 0/255 file would otherwise be copied
+    into nnU-Net's input unchanged). With ``labels`` it reads a *site export* and accepts what
+    :func:`binarise_mask` accepts ({0,1}, {0,255}, label maps selected by ``which``).
 
-# Geometry tolerances for "this mask was drawn on this CT": float32 sform rounding in mask exports
-# (ITK-SNAP, 3D Slicer) moves affine entries by ~1e-5 mm; anything beyond these is a different grid.
-AFFINE_ATOL_DIRECTION = 1e-3  # mm per voxel, direction/zoom columns of the affine
-AFFINE_ATOL_ORIGIN_FRAC = 0.05  # fraction of the smallest voxel size, for the origin
-
-
-def grid_mismatch(shape: tuple[int, ...], affine: np.ndarray, ref_shape: tuple[int, ...], ref_affine: np.ndarray) -> str | None:
-    """None when two voxel grids coincide within tolerance, else a sentence saying how they differ
-    (both shapes, both voxel sizes, largest affine difference) for the error message."""
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    ref_spacing = np.linalg.norm(ref_affine[:3, :3], axis=0)
-    direction_diff = float(np.abs(affine[:3, :3] - ref_affine[:3, :3]).max())
-    origin_diff = float(np.abs(affine[:3, 3] - ref_affine[:3, 3]).max())
-    origin_tol = AFFINE_ATOL_ORIGIN_FRAC * float(ref_spacing.min())
-    if tuple(shape) == tuple(ref_shape) and direction_diff <= AFFINE_ATOL_DIRECTION and origin_diff <= origin_tol:
-        return None
-    fmt = lambda v: "x".join(f"{x:.3g}" for x in v)  # noqa: E731
-    return (
-        f"mask grid {tuple(shape)} at {fmt(spacing)} mm does not match CT grid {tuple(ref_shape)} at "
-        f"{fmt(ref_spacing)} mm (after RAS canonicalisation; largest affine difference: direction "
-        f"{direction_diff:.3g} mm, origin {origin_diff:.3g} mm)"
-    )
+    Every problem is a :class:`PatientInputError` naming patient, file and problem (``what`` names the
+    mask in it): missing, unreadable/truncated, not 3D, NaN/inf, or values of the wrong kind.
+    """
+    data, affine = read_volume(path, patient_id, what=what)
+    if labels is None:
+        if np.count_nonzero((data != 0) & (data != 1)):
+            values = np.unique(data)[:6].tolist()
+            raise PatientInputError(patient_id, path, f"{what} is not binary (values {values}; expected 0 and 1)")
+        return data.astype(np.uint8), affine
+    try:
+        return binarise_mask(data, which, labels, label_map), affine
+    except MaskFormatError as err:
+        raise PatientInputError(patient_id, path, f"{what}: {err}") from err

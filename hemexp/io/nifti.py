@@ -28,9 +28,51 @@ def is_nifti_path(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def affine_spacing_mm(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along the three array axes: the lengths of the affine's first three columns.
+
+    The one spacing definition of the pipeline (volumes, surface distances, z steps all use it), so
+    a mask and its reference are always measured alike; valid for oblique and flipped grids.
+    """
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
 def spacing_mm(img: nib.Nifti1Image) -> tuple[float, float, float]:
-    """Voxel size (mm) along the three array axes, from the affine (not the possibly stale pixdim)."""
-    return tuple(float(v) for v in np.linalg.norm(img.affine[:3, :3], axis=0))
+    """Voxel size (mm) of an image, from its affine (not the possibly stale pixdim)."""
+    return affine_spacing_mm(img.affine)
+
+
+# Same-grid tolerances. Every grid in the pipeline is written by nibabel, which stores the sform in
+# float32: a round trip moves affine entries by ~1e-7 relative (~1e-5 mm at a 100 mm origin), and mask
+# exports (ITK-SNAP, 3D Slicer) round the same way. A real mismatch (another scan, a stale prediction,
+# a crop) moves the origin by at least a fraction of a voxel or changes a voxel size/direction by far
+# more than 1e-3. So: direction/zoom columns within 1e-3 mm per voxel, origin within 5 % of the
+# smallest voxel (a plain 1e-3 mm origin tolerance would reject float noise from a far-away origin).
+AFFINE_ATOL_DIRECTION = 1e-3  # mm per voxel, direction/zoom columns of the affine
+AFFINE_ATOL_ORIGIN_FRAC = 0.05  # fraction of the smallest reference voxel size, for the origin
+
+
+def grid_mismatch(shape: tuple[int, ...], affine: np.ndarray, ref_shape: tuple[int, ...], ref_affine: np.ndarray,
+                  what: str = "mask", ref_what: str = "CT", context: str = "") -> str | None:
+    """None when two voxel grids coincide within the tolerances above, else a sentence saying how they
+    differ (both shapes, both voxel sizes, largest affine difference) for the error message.
+
+    ``what``/``ref_what`` name the two grids in that sentence; ``context`` (e.g. "after RAS
+    canonicalisation") is prepended to the parenthesis.
+    """
+    affine, ref_affine = np.asarray(affine, dtype=np.float64), np.asarray(ref_affine, dtype=np.float64)
+    spacing, ref_spacing = affine_spacing_mm(affine), affine_spacing_mm(ref_affine)
+    direction_diff = float(np.abs(affine[:3, :3] - ref_affine[:3, :3]).max())
+    origin_diff = float(np.abs(affine[:3, 3] - ref_affine[:3, 3]).max())
+    origin_tol = AFFINE_ATOL_ORIGIN_FRAC * min(ref_spacing)
+    if tuple(shape) == tuple(ref_shape) and direction_diff <= AFFINE_ATOL_DIRECTION and origin_diff <= origin_tol:
+        return None
+    fmt = lambda v: "x".join(f"{x:.3g}" for x in v)  # noqa: E731
+    return (
+        f"{what} grid {tuple(shape)} at {fmt(spacing)} mm does not match {ref_what} grid {tuple(ref_shape)} at "
+        f"{fmt(ref_spacing)} mm ({context + '; ' if context else ''}largest affine difference: direction "
+        f"{direction_diff:.3g} mm, origin {origin_diff:.3g} mm)"
+    )
 
 
 def read_volume(path: str | Path, patient_id: str, what: str = "image") -> tuple[np.ndarray, np.ndarray]:

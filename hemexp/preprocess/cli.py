@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from hemexp.core.commands import add_config_arg, config_from, patient_stage
+from hemexp.core.layout import Layout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +82,6 @@ def _build_template(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hemexp.io.nifti import make_image
-    from hemexp.preprocess.pipeline import ingested_dir
     from hemexp.preprocess.template import build_template, write_template
 
     cfg = config_from(args)
@@ -90,7 +90,7 @@ def _build_template(args: argparse.Namespace) -> int:
         return 2
     brains, masks = [], []
     for pid in sorted(args.patients):
-        src = ingested_dir(cfg, pid)
+        src = Layout.of(cfg).ingested(pid)
         ct, brain = nib.load(str(src / "bl_ct.nii.gz")), nib.load(str(src / "brain_bl.nii.gz"))
         mask = np.asarray(brain.dataobj) > 0
         brains.append(make_image(np.asarray(ct.dataobj, np.float32) * mask, ct.affine))

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from hemexp.core.files import write_json
-from hemexp.io.nifti import make_image
+from hemexp.io.nifti import affine_spacing_mm, make_image
 
 # Slices of padding above and below the template brain, so partial-volume edges are never cut.
 Z_PAD_SLICES = 1
@@ -35,7 +35,7 @@ class ModelGrid:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return affine_spacing_mm(self.affine)
 
     def z_mm(self) -> np.ndarray:
         """Superior-inferior position (mm, template space) of every axial slice centre."""
@@ -99,7 +99,7 @@ def _brain_extent(mask: nib.Nifti1Image, axes: np.ndarray) -> tuple[np.ndarray, 
     if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-5):
         proj = _rows_times(_brain_points(mask), axes)
         return proj.min(axis=0), proj.max(axis=0)
-    spacing = np.linalg.norm(mask.affine[:3, :3], axis=0)
+    spacing = np.asarray(affine_spacing_mm(mask.affine))
     offset = axes.T @ mask.affine[:3, 3]
     bounds = [np.flatnonzero(data.any(axis=tuple(j for j in range(3) if j != a)))[[0, -1]] for a in range(3)]
     lo = np.array([b[0] for b in bounds]) * spacing + offset

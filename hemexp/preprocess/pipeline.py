@@ -8,11 +8,16 @@ every input problem is a :class:`~hemexp.core.errors.PatientInputError` naming p
 Layout (``R`` = results_dir): ``R/ingested/{p}/`` {bl,fu}_ct (canonical HU), {bl,fu}_{iph,ivh},
 brain_{bl,fu}, ingest.json; ``R/preprocessed/{p}/`` {bl,fu}_{ct,iph,ivh}, brain_{bl,fu} on the model
 grid, transforms/, qc.png, summary.json; ``R/shards/{p}.parquet``.
+
+The steps are public so that nothing recomposes them: :func:`load_scan` (ingest one timepoint),
+:func:`lesion_safe_brain` + :func:`skull_stripped` (skull strip), :func:`template_grid` and
+:func:`hemexp.preprocess.register.register_baseline` (register to the template),
+:func:`resample_timepoint` + :func:`write_on_grid` (resample to the model grid). ``hemexp simulate``
+(:func:`hemexp.sampling.simulate.prepare_baseline`) and ``scripts/bench_preprocess.py`` call them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -22,28 +27,33 @@ import numpy as np
 import pandas as pd
 
 from hemexp.cohort.manifest import read_manifest
-from hemexp.core.clinical import CLINICAL_NAMES, is_expansion, mask_volume_ml
+from hemexp.core.clinical import CLINICAL_NAMES, dice, is_expansion, mask_volume_ml
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import atomic_dir, read_json, write_json
-from hemexp.core.layout import manifest_path
+from hemexp.core.layout import Layout, manifest_path
+from hemexp.io.ingest import load_ct, load_mask
 from hemexp.io.nifti import make_image, save_nifti, spacing_mm
+from hemexp.io.shards import IMAGE_COLUMNS, patient_table, write_shard
+from hemexp.preprocess.grid import ModelGrid, brain_coverage, model_grid
+from hemexp.preprocess.qc import qc_figure
+from hemexp.preprocess.register import (
+    BL_TO_TEMPLATE,
+    FU_TO_BL,
+    MODEL_GRID,
+    TRANSFORMS_DIR,
+    nib_to_ants,
+    register_patient,
+    rigid_motion,
+    save_native_grid,
+    to_model_grid,
+)
+from hemexp.preprocess.skullstrip import brain_mask
+from hemexp.preprocess.template import load_template, template_paths
 
 TIMEPOINTS = {"bl": "baseline", "fu": "followup"}
 KINDS = ("iph", "ivh")
 GRID_VOLUME_TOLERANCE = 0.25  # warn when a model-grid volume differs from native by more (relative)
 CLINICAL_VOLUME_TOLERANCE_ML = 1.0
-
-
-def ingested_dir(cfg: dict[str, Any], patient_id: str) -> Path:
-    return Path(cfg["results_dir"]) / "ingested" / patient_id
-
-
-def preprocessed_dir(cfg: dict[str, Any], patient_id: str) -> Path:
-    return Path(cfg["results_dir"]) / "preprocessed" / patient_id
-
-
-def shard_path(cfg: dict[str, Any], patient_id: str) -> Path:
-    return Path(cfg["results_dir"]) / "shards" / f"{patient_id}.parquet"
 
 
 def patient_row(cfg: dict[str, Any], patient_id: str) -> pd.Series:
@@ -57,13 +67,6 @@ def patient_row(cfg: dict[str, Any], patient_id: str) -> pd.Series:
     return rows.iloc[0]
 
 
-def manifest_row_hashes(manifest: str | Path) -> dict[str, str]:
-    """patient -> short hash of its manifest row: the workflow passes it as a rule ``params`` entry,
-    so editing one patient's row (clinical values, split) reruns only that patient's jobs."""
-    df = read_manifest(manifest, check_files=False)
-    return {r["patient_id"]: hashlib.sha256(r.to_json().encode()).hexdigest()[:12] for _, r in df.iterrows()}
-
-
 def _load(path: Path) -> nib.Nifti1Image:
     img = nib.load(str(path))
     return make_image(np.asarray(img.dataobj), img.affine)
@@ -72,22 +75,31 @@ def _load(path: Path) -> nib.Nifti1Image:
 # ---------------------------------------------------------------- ingest + skull strip
 
 
-def load_timepoint(row: pd.Series, tp: str, labels: dict[str, int], pid: str) -> dict[str, nib.Nifti1Image]:
-    from hemexp.io.ingest import load_ct, load_mask
+def load_scan(ct_path: str | Path, iph_path: str | Path, ivh_path: str | Path | None, labels: dict[str, int],
+              pid: str) -> dict[str, nib.Nifti1Image]:
+    """Ingest one timepoint from files: ``{ct, iph, ivh}`` (canonical HU CT, masks checked against it).
 
-    name = TIMEPOINTS[tp]
-    ct = load_ct(row[f"{name}_ct"], pid)
-    label_map = row[f"{name}_iph"] == row[f"{name}_ivh"]
-    out = {"ct": ct}
-    for kind in KINDS:
-        out[kind] = load_mask(row[f"{name}_{kind}"], ct, kind, labels, label_map, pid)
+    The same file for IPH and IVH means a label map (``cohort.mask_labels``); ``ivh_path`` None means
+    no IVH (an empty mask; ``hemexp simulate`` allows it, the manifest names a file).
+    """
+
+    ct = load_ct(ct_path, pid)
+    label_map = ivh_path is not None and Path(iph_path) == Path(ivh_path)
+    out = {"ct": ct, "iph": load_mask(iph_path, ct, "iph", labels, label_map, pid)}
+    out["ivh"] = (load_mask(ivh_path, ct, "ivh", labels, label_map, pid) if ivh_path is not None
+                  else make_image(np.zeros(ct.shape, np.uint8), ct.affine))
     return out
+
+
+def load_timepoint(row: pd.Series, tp: str, labels: dict[str, int], pid: str) -> dict[str, nib.Nifti1Image]:
+    """:func:`load_scan` of a manifest row's ``tp`` ('bl' or 'fu') files."""
+    name = TIMEPOINTS[tp]
+    return load_scan(row[f"{name}_ct"], row[f"{name}_iph"], row[f"{name}_ivh"], labels, pid)
 
 
 def lesion_safe_brain(ct: nib.Nifti1Image, iph: nib.Nifti1Image, ivh: nib.Nifti1Image, cfg: dict[str, Any], pid: str) -> tuple[np.ndarray, dict]:
     """Skull-strip mask, united with the hemorrhage masks: a bleed touching the skull must never be
     cut from the skull-stripped CT (the strip is a registration aid, the masks are ground truth)."""
-    from hemexp.preprocess.skullstrip import brain_mask
 
     pre = cfg["preprocess"]
     mask_img, info = brain_mask(ct, pre["skullstrip"], pid, pre["brain_volume_ml"])
@@ -96,10 +108,17 @@ def lesion_safe_brain(ct: nib.Nifti1Image, iph: nib.Nifti1Image, ivh: nib.Nifti1
     return brain.astype(np.uint8), dict(info)
 
 
+def skull_stripped(ct: nib.Nifti1Image, brain: np.ndarray | nib.Nifti1Image) -> nib.Nifti1Image:
+    """The CT (float32 HU) with everything outside the (lesion-safe) brain mask set to 0: what is
+    registered and resampled onto the model grid."""
+    mask = np.asarray(brain.dataobj if isinstance(brain, nib.Nifti1Image) else brain) > 0
+    return make_image(np.asarray(ct.dataobj, np.float32) * mask, ct.affine)
+
+
 def ingest_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Load, check and skull-strip one patient's baseline and follow-up; write ``ingested/{p}/``."""
     row = patient_row(cfg, patient_id)
-    out_dir = Path(out_dir) if out_dir else ingested_dir(cfg, patient_id)
+    out_dir = Path(out_dir) if out_dir else Layout.of(cfg).ingested(patient_id)
     labels = cfg["cohort"]["mask_labels"]
     t0 = time.perf_counter()
     imgs = {tp: load_timepoint(row, tp, labels, patient_id) for tp in TIMEPOINTS}
@@ -133,36 +152,48 @@ def ingest_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path | N
 # ---------------------------------------------------------------- register + resample + QC
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    denom = a.sum() + b.sum()
-    return float(2.0 * np.logical_and(a, b).sum() / denom) if denom else 1.0
+def template_grid(cfg: dict[str, Any]) -> tuple[nib.Nifti1Image, nib.Nifti1Image, Any]:
+    """(template CT, template brain mask, model grid): the fixed space every patient is registered to."""
+
+    pre = cfg["preprocess"]
+    template, tmask = load_template(cfg)
+    return template, tmask, model_grid(tmask, pre["spacing_mm"], pre["crop"])
+
+
+def resample_timepoint(stripped: nib.Nifti1Image, brain: nib.Nifti1Image, masks: dict[str, nib.Nifti1Image],
+                       patient_dir: Path, tp: str) -> dict[str, np.ndarray]:
+    """One timepoint on the model grid through ``patient_dir``'s transforms: ``{tp}_ct`` (skull-stripped
+    HU, linear, float32), ``{tp}_brain`` and ``{tp}_iph``/``{tp}_ivh`` (label interpolator, uint8)."""
+
+    vols = {f"{tp}_ct": np.asarray(to_model_grid(stripped, patient_dir, tp, "linear").dataobj, np.float32),
+            f"{tp}_brain": np.asarray(to_model_grid(brain, patient_dir, tp, "label").dataobj, np.uint8)}
+    for kind in KINDS:
+        vols[f"{tp}_{kind}"] = np.asarray(to_model_grid(masks[kind], patient_dir, tp, "label").dataobj, np.uint8)
+    return vols
+
+
+def write_on_grid(grid: Any, vols: dict[str, np.ndarray], out_dir: Path) -> None:
+    """Save model-grid volumes as the preprocessed layout names them: ``{tp}_{ct,iph,ivh}``, ``brain_{tp}``."""
+    for key, data in vols.items():
+        dtype = np.float32 if key.endswith("_ct") else np.uint8
+        name = f"brain_{key[:2]}" if key.endswith("_brain") else key
+        save_nifti(grid.image(data, dtype), out_dir / f"{name}.nii.gz", dtype)
 
 
 def _resample_all(src: Path, patient_dir: Path) -> dict[str, np.ndarray]:
-    """Every ingested image of both timepoints on the model grid: CT skull-stripped (HU, linear),
-    masks with the label interpolator."""
-    from hemexp.preprocess.register import to_model_grid
-
+    """Every ingested image of both timepoints on the model grid (:func:`resample_timepoint`)."""
     vols: dict[str, np.ndarray] = {}
     for tp in TIMEPOINTS:
-        ct = _load(src / f"{tp}_ct.nii.gz")
         brain = _load(src / f"brain_{tp}.nii.gz")
-        stripped = make_image(np.asarray(ct.dataobj, np.float32) * (np.asarray(brain.dataobj) > 0), ct.affine)
-        vols[f"{tp}_ct"] = np.asarray(to_model_grid(stripped, patient_dir, tp, "linear").dataobj, np.float32)
-        vols[f"{tp}_brain"] = np.asarray(to_model_grid(brain, patient_dir, tp, "label").dataobj, np.uint8)
-        for kind in KINDS:
-            mask = _load(src / f"{tp}_{kind}.nii.gz")
-            vols[f"{tp}_{kind}"] = np.asarray(to_model_grid(mask, patient_dir, tp, "label").dataobj, np.uint8)
+        masks = {kind: _load(src / f"{tp}_{kind}.nii.gz") for kind in KINDS}
+        vols.update(resample_timepoint(skull_stripped(_load(src / f"{tp}_ct.nii.gz"), brain), brain, masks,
+                                       patient_dir, tp))
     return vols
 
 
 def _stripped_ants(src: Path, tp: str):
-    from hemexp.preprocess.register import nib_to_ants
 
-    ct = _load(src / f"{tp}_ct.nii.gz")
-    brain = np.asarray(_load(src / f"brain_{tp}.nii.gz").dataobj) > 0
-    return nib_to_ants(make_image(np.asarray(ct.dataobj, np.float32) * brain, ct.affine))
+    return nib_to_ants(skull_stripped(_load(src / f"{tp}_ct.nii.gz"), _load(src / f"brain_{tp}.nii.gz")))
 
 
 def _grid_volumes(vols: dict[str, np.ndarray], spacing: tuple[float, float, float]) -> dict[str, dict[str, float]]:
@@ -195,27 +226,13 @@ def _warnings(native: dict, grid: dict, row: pd.Series, expansion: bool) -> list
 def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path | None = None,
                        src_dir: str | Path | None = None) -> dict[str, Any]:
     """Register, resample to the model grid, QC and summarise one ingested patient."""
-    from hemexp.preprocess.grid import brain_coverage, model_grid
-    from hemexp.preprocess.qc import qc_figure
-    from hemexp.preprocess.register import (
-        BL_TO_TEMPLATE,
-        FU_TO_BL,
-        MODEL_GRID,
-        TRANSFORMS_DIR,
-        nib_to_ants,
-        register_patient,
-        rigid_motion,
-        save_native_grid,
-    )
-    from hemexp.preprocess.template import load_template, template_paths
 
     pre = cfg["preprocess"]
     row = patient_row(cfg, patient_id)
-    src = Path(src_dir) if src_dir else ingested_dir(cfg, patient_id)
-    out_dir = Path(out_dir) if out_dir else preprocessed_dir(cfg, patient_id)
+    src = Path(src_dir) if src_dir else Layout.of(cfg).ingested(patient_id)
+    out_dir = Path(out_dir) if out_dir else Layout.of(cfg).preprocessed(patient_id)
     ingest = read_json(src / "ingest.json")
-    template, tmask = load_template(cfg)
-    grid = model_grid(tmask, pre["spacing_mm"], pre["crop"])
+    template, tmask, grid = template_grid(cfg)
     with atomic_dir(out_dir) as tmp:
         tdir = tmp / TRANSFORMS_DIR
         t0 = time.perf_counter()
@@ -225,10 +242,7 @@ def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path
         save_native_grid(_load(src / "bl_ct.nii.gz"), tmp)
         t1 = time.perf_counter()
         vols = _resample_all(src, tmp)
-        for key, data in vols.items():
-            dtype = np.float32 if key.endswith("_ct") else np.uint8
-            name = f"brain_{key[:2]}" if key.endswith("_brain") else key
-            save_nifti(grid.image(data, dtype), tmp / f"{name}.nii.gz", dtype)
+        write_on_grid(grid, vols, tmp)
         t2 = time.perf_counter()
         summary = _summary(cfg, patient_id, row, ingest, grid, vols)
         summary["registration"].update(
@@ -289,16 +303,28 @@ def _qc_title(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- shard
 
 
+def read_summary(patient_id: str, patient_dir: str | Path) -> dict[str, Any]:
+    """A preprocessed patient's ``summary.json``, the one reader every later stage uses.
+
+    Missing or unreadable -> :class:`PatientInputError` naming the patient, the file and the stage
+    to rerun, so a sampler or evaluator never fails with a bare ``KeyError`` or JSON traceback.
+    """
+    path = Path(patient_dir) / "summary.json"
+    if not path.is_file():
+        raise PatientInputError(patient_id, path, "preprocess summary.json missing (run hemexp preprocess)")
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        raise PatientInputError(patient_id, path, f"preprocess summary.json unreadable ({err}); "
+                                "rerun hemexp preprocess") from err
+
+
 def shard_patient(cfg: dict[str, Any], patient_id: str, out_path: str | Path | None = None,
                   src_dir: str | Path | None = None) -> Path:
     """Write ``shards/{p}.parquet`` from the preprocessed volumes, the summary and the manifest row."""
-    from hemexp.io.shards import IMAGE_COLUMNS, patient_table, write_shard
-    from hemexp.preprocess.grid import ModelGrid
-    from hemexp.preprocess.register import MODEL_GRID, TRANSFORMS_DIR
-
-    src = Path(src_dir) if src_dir else preprocessed_dir(cfg, patient_id)
-    out_path = Path(out_path) if out_path else shard_path(cfg, patient_id)
-    summary = read_json(src / "summary.json")
+    src = Path(src_dir) if src_dir else Layout.of(cfg).preprocessed(patient_id)
+    out_path = Path(out_path) if out_path else Layout.of(cfg).shard(patient_id)
+    summary = read_summary(patient_id, src)
     row = patient_row(cfg, patient_id)
     grid = ModelGrid.load(src / TRANSFORMS_DIR / MODEL_GRID)
     vols = {c: np.asarray(nib.load(str(src / f"{c}.nii.gz")).dataobj) for c in IMAGE_COLUMNS}

@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from hemexp.core.files import read_json, write_json
-from hemexp.io.nifti import make_image
+from hemexp.io.nifti import affine_spacing_mm, make_image
 from hemexp.preprocess.grid import ModelGrid
 
 # nibabel affines map voxels to RAS+ mm, ITK/ANTs uses LPS+: flip the first two physical axes.
@@ -59,7 +59,7 @@ def nib_to_ants(img: nib.Nifti1Image) -> ants.ANTsImage:
     copies the RAS qform into ITK's LPS fields unchanged.
     """
     aff = _RAS_TO_LPS @ np.asarray(img.affine, dtype=np.float64)
-    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    spacing = np.asarray(affine_spacing_mm(aff))
     direction = aff[:3, :3] / spacing
     data = np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32))
     return ants.from_numpy(data, origin=aff[:3, 3].tolist(), spacing=spacing.tolist(), direction=direction)
@@ -123,6 +123,31 @@ def register(
     return mat
 
 
+def register_baseline(template: ants.ANTsImage, bl_brain: ants.ANTsImage, seed: int, registration_mm: float,
+                      out_dir: str | Path, workdir: str | Path) -> Path:
+    """Rigid baseline -> template step; writes ``out_dir/bl_to_template.mat`` and returns its path.
+
+    Its own step so a baseline-only patient (``hemexp simulate``) is registered exactly as a pipeline one.
+    """
+    out = Path(out_dir) / BL_TO_TEMPLATE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(register(template, bl_brain, "Rigid", seed, registration_mm, workdir), out)
+    return out
+
+
+def register_followup(bl_brain: ants.ANTsImage, fu_brain: ants.ANTsImage, seed: int, registration_mm: float,
+                      out_dir: str | Path, workdir: str | Path) -> Path:
+    """Follow-up -> baseline: rigid, then affine initialised by it; writes ``fu_to_bl_rigid.mat`` and
+    ``fu_to_bl.mat`` (the composite) into ``out_dir`` and returns the latter's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fu_rigid = register(bl_brain, fu_brain, "Rigid", seed, registration_mm, workdir)
+    fu_affine = register(bl_brain, fu_brain, "Affine", seed, registration_mm, workdir, initial_transform=fu_rigid)
+    shutil.copyfile(fu_rigid, out_dir / FU_TO_BL_RIGID)
+    shutil.copyfile(fu_affine, out_dir / FU_TO_BL)
+    return out_dir / FU_TO_BL
+
+
 def register_patient(
     template: ants.ANTsImage,
     bl_brain: ants.ANTsImage,
@@ -132,22 +157,13 @@ def register_patient(
     out_dir: str | Path,
 ) -> dict[str, float]:
     """Write the three transforms of one patient into ``out_dir``; returns seconds per step."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="hemexp_reg_") as work:
         t0 = time.perf_counter()
-        rigid = register(template, bl_brain, "Rigid", seed, registration_mm, work)
-        shutil.copyfile(rigid, out_dir / BL_TO_TEMPLATE)
+        register_baseline(template, bl_brain, seed, registration_mm, out_dir, work)
         t1 = time.perf_counter()
-        fu_rigid = register(bl_brain, fu_brain, "Rigid", seed, registration_mm, work)
-        fu_affine = register(bl_brain, fu_brain, "Affine", seed, registration_mm, work, initial_transform=fu_rigid)
-        shutil.copyfile(fu_rigid, out_dir / FU_TO_BL_RIGID)
-        shutil.copyfile(fu_affine, out_dir / FU_TO_BL)
+        register_followup(bl_brain, fu_brain, seed, registration_mm, out_dir, work)
         t2 = time.perf_counter()
-    timings["rigid"] = t1 - t0
-    timings["affine"] = t2 - t1
-    return timings
+    return {"rigid": t1 - t0, "affine": t2 - t1}
 
 
 def apply(

@@ -21,9 +21,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from hemexp.core.layout import Layout
 from hemexp.io.nifti import make_image, save_nifti
 
-TEMPLATE_DIR = "template"
 BUILD_ITERATIONS = 2
 
 
@@ -36,7 +36,7 @@ def template_paths(cfg: dict[str, Any]) -> tuple[Path, Path | None]:
     pre = cfg["preprocess"]
     if pre["template"]:
         return Path(pre["template"]), Path(pre["template_mask"]) if pre["template_mask"] else None
-    base = Path(cfg["results_dir"]) / TEMPLATE_DIR
+    base = Layout.of(cfg).template_dir
     return base / "template.nii.gz", base / "template_mask.nii.gz"
 
 
@@ -91,6 +91,7 @@ def build_template(
     The first brain, resampled to ``spacing_mm`` isotropic, initialises the template and so fixes the
     template's grid and orientation.
     """
+    # Deferred: the Snakefile imports this module (template_paths) at parse time, and ANTs costs seconds.
     from hemexp.preprocess.register import ants_to_nib, apply, nib_to_ants, register, registration_image
 
     if not brains or len(brains) != len(masks):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hemexp.core.commands import add_config_arg, config_from, patient_stage
+from hemexp.core.layout import Layout
 
 
 def _sampler_args(p: argparse.ArgumentParser) -> None:
@@ -84,43 +85,32 @@ def _sample(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     import numpy as np
 
     from hemexp.core.config import variants
-    from hemexp.core.errors import PatientInputError
-    from hemexp.core.files import read_json
-    from hemexp.diffusion.latents import stats_path, vae_path
-    from hemexp.preprocess.pipeline import preprocessed_dir
-    from hemexp.sampling.flags import classifier_probability, plan_flags, resolve_probability
+    from hemexp.preprocess.pipeline import read_summary
+    from hemexp.sampling.flags import flag_plan_for
     from hemexp.sampling.sampler import load_bundle
     from hemexp.sampling.simulate import PatientInput, simulate_patient
 
     if args.variant not in variants(cfg):
         raise SystemExit(f"hemexp sample: unknown variant {args.variant!r} (configured: {sorted(variants(cfg))})")
-    pdir = preprocessed_dir(cfg, args.patient)
-    if not (pdir / "summary.json").is_file():
-        raise PatientInputError(args.patient, pdir / "summary.json", "preprocess summary missing (run hemexp preprocess)")
-    pre = read_json(pdir / "summary.json")
-    features = {**pre["clinical"], "baseline_ivh_ml": pre["volumes_ml"]["baseline"]["ivh"]}
-    clf = Path(cfg["results_dir"]) / "models" / "classifier" / "classifier.joblib"
+    pdir = Layout.of(cfg).preprocessed(args.patient)
+    pre = read_summary(args.patient, pdir)
+    clf = Layout.of(cfg).classifier
     source = args.flag_source if args.flag_source is not None else cfg["sampling"]["flag_source"]
     if str(source) == "classifier" and not clf.is_file():  # a workflow problem, not this patient's
         raise SystemExit(f"hemexp sample: flag source 'classifier' needs {clf} (run hemexp train-classifier)")
-    try:
-        p, label = resolve_probability(source, oracle=int(pre["expansion"]), he_prob=pre.get("he_prob"),
-                                       classifier=lambda: classifier_probability(str(clf), features))
-    except ValueError as err:
-        raise PatientInputError(args.patient, pdir / "summary.json", str(err)) from err
-    plan = plan_flags(p, args.n_samples or cfg["sampling"]["n_samples"], label)
+    plan = flag_plan_for(cfg, args.patient, pre, source, args.n_samples or cfg["sampling"]["n_samples"])
     followup = {k: np.asarray(nib.load(str(pdir / f"fu_{k}.nii.gz")).dataobj) for k in ("ct", "iph", "ivh")
                 if (pdir / f"fu_{k}.nii.gz").is_file()}
-    diffusion = Path(cfg["results_dir"]) / "models" / "diffusion" / args.variant / "model.pt"
-    bundle = load_bundle(vae_path(cfg), diffusion, stats_path(cfg), args.device)
-    out = Path(args.out) if args.out else Path(cfg["results_dir"]) / "samples" / args.variant / args.patient
+    diffusion = Layout.of(cfg).diffusion_model(args.variant)
+    bundle = load_bundle(Layout.of(cfg).vae_model, diffusion, Layout.of(cfg).latent_stats, args.device)
+    out = Path(args.out) if args.out else Layout.of(cfg).samples(args.variant, args.patient)
     patient = PatientInput(args.patient, pdir, pre["clinical"], followup if len(followup) == 3 else None)
     summary = simulate_patient(bundle, patient, plan, _settings(cfg, args), cfg["sampling"],
                                cfg["preprocess"]["hu_window"], out, args.variant,
                                extra={"split": pre.get("split"), "site": pre.get("site"),
                                       "flag_used_by_model": bool(bundle.diffusion.uses_flag)})
     fu = summary["followup_ml"]
-    print(f"{args.patient} {args.variant}: {plan.n_samples} samples ({label}, p={p:.2f}); IPH median "
+    print(f"{args.patient} {args.variant}: {plan.n_samples} samples ({plan.source}, p={plan.p:.2f}); IPH median "
           f"{fu['iph']['median']:.1f} mL, P(expansion) {summary['p_expansion']:.2f}, "
           f"{summary['timings_s']['total_s']:.1f} s -> {out}")
 
@@ -129,16 +119,15 @@ def _classifier_table(cfg: dict[str, Any], ids: list[str] | None) -> Any:
     from hemexp.cohort.manifest import read_manifest
     from hemexp.cohort.patients import patients
     from hemexp.core.layout import manifest_path
-    from hemexp.preprocess.pipeline import preprocessed_dir
     from hemexp.sampling.classifier import patient_table_from_summaries
 
     ids = ids or [p.patient_id for p in patients(cfg)]
-    return patient_table_from_summaries([preprocessed_dir(cfg, pid) / "summary.json" for pid in sorted(ids)],
+    return patient_table_from_summaries([Layout.of(cfg).preprocessed(pid) / "summary.json" for pid in sorted(ids)],
                                         read_manifest(manifest_path(cfg), check_files=False))
 
 
 def _classifier_path(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["results_dir"]) / "models" / "classifier" / "classifier.joblib"
+    return Layout.of(cfg).classifier
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -159,7 +148,6 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
 
 def _eval_classifier(args: argparse.Namespace) -> int:
-
     from hemexp.core.files import atomic_path, write_json
     from hemexp.sampling.classifier import HEClassifier, operating_point
 
@@ -172,7 +160,7 @@ def _eval_classifier(args: argparse.Namespace) -> int:
     for split, grp in table.groupby("split"):
         report[f"{split}_refit"] = operating_point(grp["expansion"].to_numpy(int), grp["p_expansion"].to_numpy(),
                                                    clf.threshold)
-    out = Path(cfg["results_dir"]) / "metrics"
+    out = Layout.of(cfg).metrics_dir
     write_json(out / "classifier.json", report)
     with atomic_path(out / "classifier_predictions.tsv") as tmp:
         table[["patient_id", "split", "expansion", "p_expansion"]].to_csv(tmp, sep="\t", index=False,

@@ -22,9 +22,12 @@ contributes to that flag's probability map only — it is not written as a sampl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from hemexp.core.errors import PatientInputError
+from hemexp.core.layout import Layout
 
 SOURCES = ("oracle", "classifier", "external")
 
@@ -131,6 +134,40 @@ def classifier_probability(path: str, features: dict[str, float]) -> float:
     ``features``: the seven clinical variables (raw values) and ``baseline_ivh_ml``
     (:data:`hemexp.sampling.classifier.FEATURES`).
     """
+    # Deferred: the Snakefile imports this module (flag_source_passes) at parse time; scikit-learn and
+    # joblib are needed only when the classifier is the flag source.
     from hemexp.sampling.classifier import HEClassifier
 
     return float(HEClassifier.load(path).predict_proba(dict(features)))
+
+
+def flag_plan_for(cfg: dict[str, Any], patient_id: str, summary: dict[str, Any], source: str | float,
+                  n_samples: int) -> FlagPlan:
+    """The flag plan of one preprocessed patient: resolve ``source`` from its preprocess ``summary``
+    (true label, manifest ``he_prob``, the built-in classifier on its clinical values and baseline IVH
+    volume) and split ``n_samples``. One resolver for ``hemexp sample`` and the guidance study, so a
+    study patient is sampled under the flags its ``sample`` job uses.
+
+    A missing input (no ``he_prob`` for 'external', ...) raises :class:`PatientInputError` naming the
+    patient's summary; the classifier is loaded only when it is the source.
+    """
+    features = {**summary["clinical"], "baseline_ivh_ml": summary["volumes_ml"]["baseline"]["ivh"]}
+    layout = Layout.of(cfg)
+    try:
+        p, label = resolve_probability(source, oracle=int(summary["expansion"]), he_prob=summary.get("he_prob"),
+                                       classifier=lambda: classifier_probability(str(layout.classifier), features))
+    except ValueError as err:
+        raise PatientInputError(patient_id, layout.preprocessed(patient_id) / "summary.json", str(err)) from err
+    return plan_flags(p, n_samples, label)
+
+
+def flag_source_passes(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``evaluation.flag_source_passes`` resolved: source -> flag-conditioned sampled variants.
+
+    A source equal to ``sampling.flag_source`` is dropped (the main pass already is that source).
+    Which sources and variants may be named (sampled, flag-conditioned) are config rules, checked by
+    :func:`hemexp.core.config.validate_config` before the workflow or a command gets here.
+    """
+    spec = cfg["evaluation"].get("flag_source_passes") or {}
+    main = str(cfg["sampling"]["flag_source"])
+    return {source: list(dict.fromkeys(names)) for source, names in spec.items() if source != main and names}

@@ -33,8 +33,11 @@ import pandas as pd
 
 from hemexp.core.clinical import is_expansion, mask_volume_ml
 from hemexp.core.files import atomic_path
+from hemexp.io.nifti import make_image, save_nifti
 from hemexp.io.shards import volume_from_slices
+from hemexp.preprocess.register import to_native
 from hemexp.sampling.flags import FlagPlan
+from hemexp.sampling.intervals import empirical_interval
 
 MAP_KINDS = ("iph", "ivh", "new")
 INTERVAL_LEVEL = 0.8
@@ -125,7 +128,6 @@ def volume_table(vols: dict[str, np.ndarray], baseline: dict[str, np.ndarray], p
 
 def distribution(values: Sequence[float]) -> dict[str, Any]:
     """Median and central 80 % interval of sampled volumes (order statistics as :mod:`hemexp.evaluation.calibration`)."""
-    from hemexp.sampling.intervals import empirical_interval
 
     lo, hi = empirical_interval(values, INTERVAL_LEVEL)
     return {"median": float(np.median(values)), f"interval_{int(INTERVAL_LEVEL * 100)}": [lo, hi]}
@@ -152,15 +154,12 @@ def summarise(table: pd.DataFrame, plan: FlagPlan, baseline_ml: dict[str, float]
 
 
 def write_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    from hemexp.io.nifti import make_image, save_nifti
 
     save_nifti(make_image(data, affine), path)
 
 
 def write_native(data: np.ndarray, affine: np.ndarray, patient_dir: Path, path: Path, interpolation: str) -> None:
     """Map a model-grid array to the native baseline grid with the patient's transforms and write it."""
-    from hemexp.io.nifti import make_image, save_nifti
-    from hemexp.preprocess.register import to_native
 
     save_nifti(to_native(make_image(data, affine), patient_dir, interpolation), path)
 

@@ -6,10 +6,9 @@ Every (sample, slice) *item* runs the whole DDIM chain; items go through the U-N
 :func:`auto_chunk_size`), so a patient needs ``ceil(rows / chunk) × steps`` U-Net calls instead of
 ``N × S × steps``.
 
-Guidance (paper §2.4, Ho & Salimans 2022) acts on the model's v-prediction:
-``v = v_null + s · (v_cond − v_null)``; s = 0 is the null clinical embedding, 1 the conditional model,
-> 1 stronger. Only the branches a scale needs are run: s = 1 (or a variant without a clinical branch)
-runs the conditional rows only, s = 0 the null rows only, anything else both — as one batch of 2B rows.
+The DDIM chain itself, with classifier-free guidance on the clinical branch, is
+:func:`hemexp.diffusion.ddim.ddim_loop` — the loop the training sample grid runs too; this module adds
+the sampling policy around it: per-item seeded noise, chunk sizes and the encode/decode glue.
 
 Reproducibility: every item owns a ``torch.Generator`` seeded from (seed, sample index, slice index z)
 (:func:`item_generators`). Its initial noise is drawn before chunking and, for η > 0, its per-step noise
@@ -18,16 +17,15 @@ other slices or samples are drawn alongside it). A rerun with the same chunk siz
 across chunk sizes the results agree up to the float rounding of batch-size-dependent U-Net kernels
 (~1e-6 per call on CPU; oneDNN/cuDNN choose blockings by batch size). MONAI's ``DDIMScheduler.step`` draws η-noise for the
 whole batch from one generator, which would tie the noise to the chunking; for η > 0
-:func:`ddim_step` therefore takes MONAI's x0 prediction and adds the per-item noise itself (DDIM
+:func:`hemexp.diffusion.ddim.ddim_step` therefore takes MONAI's x0 prediction and adds the per-item noise itself (DDIM
 eq. 12 with σ from MONAI's ``_get_variance``). η = 0 uses MONAI's step unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +36,15 @@ import torch
 from hemexp.core.files import read_json
 from hemexp.core.runtime import get_logger
 from hemexp.diffusion.conditioning import N_CLINICAL
+from hemexp.diffusion.ddim import Progress, autocast, ddim_loop
 from hemexp.diffusion.latents import check_stats, denormalise, normalise
-from hemexp.diffusion.model import ConditionalLatentUNet, ddim_scheduler
+from hemexp.diffusion.model import ConditionalLatentUNet, ddim_scheduler, load_diffusion
 from hemexp.io.shards import slice_image
+from hemexp.vae.data import unwindow_ct, vae_channels
+from hemexp.vae.model import load_vae
 
 log = get_logger(__name__)
 MAX_CHUNK_ROWS = 4096  # beyond this a bigger batch buys nothing on any current accelerator
-Progress = Callable[[int, int], None]  # (U-Net calls done, calls in total)
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,6 @@ class SamplerSettings:
                   "memory_fraction": sampling_cfg.get("memory_fraction", 0.5)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def branches(model: ConditionalLatentUNet, guidance_scale: float) -> tuple[str, ...]:
-    """The U-Net branches a guidance scale needs: ('cond',), ('null',) or ('cond', 'null')."""
-    if guidance_scale < 0:
-        raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
-    if not model.uses_clinical or guidance_scale == 1.0:
-        return ("cond",)
-    if guidance_scale == 0.0:
-        return ("null",)
-    return ("cond", "null")
 
 
 # ----------------------------------------------------------------------------- noise
@@ -175,41 +164,6 @@ def auto_chunk_size(model: ConditionalLatentUNet, latent_shape: tuple[int, int, 
 # ----------------------------------------------------------------------------- DDIM
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for 'bf16', or for 'auto' on CUDA; a no-op otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def guided_v(model: ConditionalLatentUNet, x: torch.Tensor, t: torch.Tensor, baseline: torch.Tensor,
-             clinical: torch.Tensor, flag: torch.Tensor, scale: float, which: tuple[str, ...]) -> torch.Tensor:
-    """Guided v-prediction ``v_null + scale (v_cond − v_null)`` from the branches in ``which`` (float32)."""
-    b = x.shape[0]
-    if len(which) == 1:
-        drop = torch.full((b,), which[0] == "null", dtype=torch.bool, device=x.device)
-        return model(x, t, baseline, clinical, flag, drop).float()
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-    two = [torch.cat([a, a]) for a in (x, t, baseline, clinical, flag)]
-    v_cond, v_null = model(*two, drop).float().chunk(2)
-    return v_null + scale * (v_cond - v_null)
-
-
-def ddim_step(sched: Any, v: torch.Tensor, t: int, x: torch.Tensor, eta: float,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
-    """x_{t-1} from x_t: MONAI's ``DDIMScheduler.step`` for η = 0; for η > 0 MONAI's x0 prediction and
-    DDIM eq. 12 with the caller's per-item ``noise`` (see module docstring for why)."""
-    if eta == 0.0:
-        return sched.step(v, t, x)[0]
-    _, x0 = sched.step(v, t, x, eta=0.0)
-    prev = t - sched.num_train_timesteps // sched.num_inference_steps
-    a_t = sched.alphas_cumprod[t].to(x.device, x.dtype)
-    a_prev = (sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod).to(x.device, x.dtype)
-    sigma = eta * sched._get_variance(t, prev).to(x.device, x.dtype).sqrt()
-    eps = (x - a_t.sqrt() * x0) / (1.0 - a_t).sqrt()
-    return a_prev.sqrt() * x0 + (1.0 - a_prev - sigma**2).sqrt() * eps + sigma * noise.to(x.device, x.dtype)
-
-
 @torch.no_grad()
 def sample_deltas(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], baseline: torch.Tensor,
                   clinical: torch.Tensor, flags: Sequence[int], settings: SamplerSettings,
@@ -232,41 +186,19 @@ def sample_deltas(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], basel
     if clinical.shape[0] != n or len(slice_ids) != s or len(sample_ids) != n:
         raise ValueError("clinical rows, slice_ids and sample_ids must match flags and baseline slices")
     shape = (model.latent_channels, *baseline.shape[-2:])
-    which = branches(model, settings.guidance_scale)
-    rows_per_item = len(which)
     chunk_rows = settings.chunk_size or auto_chunk_size(model, shape, device, settings.memory_fraction,
                                                         precision=settings.precision)
-    chunk = max(1, chunk_rows // rows_per_item)
     gens = item_generators(settings.seed, sample_ids, slice_ids)
     noise = draw(gens, shape)  # [N*S, C, h, w], sample-major: drawn before chunking
-    item_sample = np.repeat(np.arange(n), s)
-    item_slice = np.tile(np.arange(s), n)
-    flag_t = torch.as_tensor(np.asarray(flags, dtype=np.int64))
-    sched = ddim_scheduler(sched_cfg, settings.steps)
-    out = torch.empty((n * s, *shape), dtype=torch.float32)
-    starts = range(0, n * s, chunk)
-    total_calls, calls = len(starts) * len(sched.timesteps), 0
-    t0 = time.perf_counter()
-    for start in starts:
-        idx = np.arange(start, min(start + chunk, n * s))
-        x = noise[idx].to(device)
-        base = baseline[item_slice[idx]].to(device)
-        clin = clinical[item_sample[idx]].to(device)
-        flag = flag_t[item_sample[idx]].to(device)
-        if device.type == "cuda":
-            x, base = x.contiguous(memory_format=torch.channels_last), base.contiguous(memory_format=torch.channels_last)
-        for t in sched.timesteps:
-            tt = torch.full((len(idx),), int(t), dtype=torch.long, device=device)
-            with autocast(device, settings.precision):
-                v = guided_v(model, x, tt, base, clin, flag, settings.guidance_scale, which)
-            step_noise = draw([gens[i] for i in idx], shape) if settings.eta > 0 else None
-            x = ddim_step(sched, v, int(t), x.float(), settings.eta, step_noise)
-            calls += 1
-            if progress is not None:
-                progress(calls, total_calls)
-        out[idx] = x.float().cpu()
-    info = {"chunk_rows": int(chunk * rows_per_item), "branches": list(which), "unet_calls": calls,
-            "items": n * s, "seconds": time.perf_counter() - t0}
+
+    def step_noise(idx: np.ndarray) -> torch.Tensor:
+        return draw([gens[i] for i in idx], shape)
+
+    out, info = ddim_loop(model, ddim_scheduler(sched_cfg, settings.steps), noise, baseline, clinical,
+                          torch.as_tensor(np.asarray(flags, dtype=np.int64)), settings.guidance_scale, settings.eta,
+                          base_index=np.tile(np.arange(s), n), cond_index=np.repeat(np.arange(n), s),
+                          step_noise=step_noise, chunk_rows=chunk_rows, precision=settings.precision,
+                          channels_last=device.type == "cuda", progress=progress)
     return out.reshape(n, s, *shape), info
 
 
@@ -296,8 +228,6 @@ def default_device() -> torch.device:
 def load_bundle(vae_path: str | Path, diffusion_path: str | Path, stats_path: str | Path,
                 device: str | torch.device | None = None) -> ModelBundle:
     """Load the frozen VAE, one diffusion variant and the latent statistics onto ``device``."""
-    from hemexp.diffusion.model import load_diffusion
-    from hemexp.vae.model import load_vae
 
     device = torch.device(device) if device is not None else default_device()
     vae = load_vae(vae_path, map_location=device)
@@ -333,23 +263,12 @@ def context_slices(zs: np.ndarray, context: int, step: int, nz: int) -> np.ndarr
     return np.clip(np.asarray(zs)[:, None] + offsets[None, :], 0, nz - 1)
 
 
-def window(ct_hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
-    """HU -> [0, 1] through ``hu_window`` (the VAE's input scaling, as :class:`hemexp.vae.data.SliceDataset`)."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    return np.clip((np.asarray(ct_hu, np.float32) - lo) / (hi - lo), 0.0, 1.0)
-
-
-def unwindow(ct01: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
-    """[0, 1] VAE CT -> HU (clamped to the window first: the VAE never saw values outside it)."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    return (np.clip(ct01, 0.0, 1.0) * (hi - lo) + lo).astype(np.float32)
-
-
 def slice_stack(ct_hu: np.ndarray, iph: np.ndarray, ivh: np.ndarray, zs: Sequence[int],
                 hu_window: Sequence[float]) -> np.ndarray:
-    """VAE inputs ``[n, 3, H, W]`` (windowed CT, IPH, IVH) of slices ``zs`` in the shard image layout."""
-    return np.stack([np.stack([window(slice_image(ct_hu, z), hu_window), slice_image(iph, z).astype(np.float32),
-                               slice_image(ivh, z).astype(np.float32)]) for z in zs])
+    """VAE inputs ``[n, 3, H, W]`` of slices ``zs`` in the shard image layout, exactly as training
+    builds them (:func:`hemexp.vae.data.vae_channels`)."""
+    return np.stack([np.stack(vae_channels(slice_image(ct_hu, z), slice_image(iph, z), slice_image(ivh, z),
+                                           hu_window)) for z in zs])
 
 
 @torch.no_grad()
@@ -372,6 +291,36 @@ def decode(vae: Any, z: torch.Tensor, device: torch.device, threshold: float,
         iph.append((torch.sigmoid(out["iph_logits"][:, 0].float()) > threshold).cpu().numpy().astype(np.uint8))
         ivh.append((torch.sigmoid(out["ivh_logits"][:, 0].float()) > threshold).cpu().numpy().astype(np.uint8))
     return np.concatenate(ct), np.concatenate(iph), np.concatenate(ivh)
+
+
+@dataclass(frozen=True)
+class EncodedBaseline:
+    """One baseline as the DDIM loop needs it: the sampled slices ``zs`` ``[S]``, the normalised latents
+    of each one's 2.5D context ``cond`` ``[S, C*context, h, w]`` and of the slices themselves ``centre``
+    ``[S, C, h, w]`` (the Δz origin)."""
+
+    zs: np.ndarray
+    cond: torch.Tensor
+    centre: torch.Tensor
+
+
+def encode_baseline(bundle: ModelBundle, baseline: dict[str, np.ndarray], spacing_z: float, z_margin_mm: float,
+                    hu_window: Sequence[float], batch: int = 64) -> EncodedBaseline:
+    """Window and encode a model-grid baseline (``ct`` HU, ``iph``, ``ivh``) once for every sample.
+
+    Slices: the baseline IPH z-extent ± ``z_margin_mm``; each context slice is encoded once even when
+    several sampled slices share it. One function for ``hemexp sample``/``simulate`` and the guidance
+    study, so both condition the model on the same latents.
+    """
+    model = bundle.diffusion
+    zs = sampled_slices(baseline["iph"], spacing_z, z_margin_mm)
+    ctx = context_slices(zs, model.context, bundle.step_slices, baseline["iph"].shape[2])
+    needed = np.unique(ctx)
+    images = slice_stack(baseline["ct"], baseline["iph"], baseline["ivh"], needed, hu_window)
+    z_bl = normalise(encode(bundle.vae, images, bundle.device, batch), bundle.stats)
+    row = {int(z): i for i, z in enumerate(needed)}
+    cond = torch.stack([z_bl[[row[int(z)] for z in c]].flatten(0, 1) for c in ctx])
+    return EncodedBaseline(zs=zs, cond=cond, centre=z_bl[[row[int(z)] for z in zs]])
 
 
 @dataclass
@@ -398,25 +347,19 @@ def generate_followups(bundle: ModelBundle, baseline: dict[str, np.ndarray], spa
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model = bundle.diffusion
-    zs = sampled_slices(baseline["iph"], spacing_z, z_margin_mm)
-    ctx = context_slices(zs, model.context, bundle.step_slices, baseline["iph"].shape[2])
-    needed = np.unique(ctx)
-    images = slice_stack(baseline["ct"], baseline["iph"], baseline["ivh"], needed, hu_window)
-    z_bl = normalise(encode(bundle.vae, images, bundle.device, settings.decode_batch), bundle.stats)
-    row = {int(z): i for i, z in enumerate(needed)}
-    cond = torch.stack([z_bl[[row[int(z)] for z in c]].flatten(0, 1) for c in ctx])
-    centre = z_bl[[row[int(z)] for z in zs]]
+    enc = encode_baseline(bundle, baseline, spacing_z, z_margin_mm, hu_window, settings.decode_batch)
+    zs = enc.zs
     timings["encode_s"] = time.perf_counter() - t0
-    delta, run = sample_deltas(model, bundle.sched_cfg, cond, torch.as_tensor(np.asarray(clinical, np.float32)),
-                               flags, settings, slice_ids=zs, sample_ids=sample_ids, progress=progress)
+    delta, run = sample_deltas(bundle.diffusion, bundle.sched_cfg, enc.cond,
+                               torch.as_tensor(np.asarray(clinical, np.float32)), flags, settings, slice_ids=zs,
+                               sample_ids=sample_ids, progress=progress)
     timings["sample_s"] = run.pop("seconds")
     t1 = time.perf_counter()
-    z_fu = denormalise(centre.unsqueeze(0) + delta, bundle.stats).flatten(0, 1)
+    z_fu = denormalise(enc.centre.unsqueeze(0) + delta, bundle.stats).flatten(0, 1)
     ct01, iph, ivh = decode(bundle.vae, z_fu, bundle.device, mask_threshold, settings.decode_batch)
     timings["decode_s"] = time.perf_counter() - t1
     n, s = len(flags), len(zs)
     shape = (n, s, *ct01.shape[1:])
-    return FollowupSlices(zs=zs, flags=tuple(int(f) for f in flags), ct_hu=unwindow(ct01, hu_window).reshape(shape),
+    return FollowupSlices(zs=zs, flags=tuple(int(f) for f in flags), ct_hu=unwindow_ct(ct01, hu_window).reshape(shape),
                           iph=iph.reshape(shape), ivh=ivh.reshape(shape),
                           info={**run, "timings_s": timings, "device": str(bundle.device)})

@@ -5,10 +5,9 @@
 every product (see :mod:`hemexp.sampling.products`) into one folder, atomically.
 
 ``hemexp simulate`` serves a single new patient from files: :func:`prepare_baseline` is the
-*baseline-only* preprocessing path (the pipeline's own ingest → skull strip → rigid registration to
-the template → model-grid resampling, without a follow-up scan), composed from
-:mod:`hemexp.io.ingest`, :mod:`hemexp.preprocess.skullstrip`, :mod:`hemexp.preprocess.register` and
-:mod:`hemexp.preprocess.grid`, so a simulated patient goes through the same steps as a pipeline patient.
+*baseline-only* preprocessing path: the pipeline's own step functions (:mod:`hemexp.preprocess.pipeline`:
+ingest one scan → lesion-safe skull strip → rigid registration to the template → model-grid resampling),
+without a follow-up scan, so a simulated patient goes through exactly the steps of a pipeline patient.
 Scenario overrides (``--set anticoagulant=1 --set onset_to_ct_h=+6``) become a
 :class:`hemexp.sampling.scenarios.Scenario`, applied and clamped by :func:`hemexp.sampling.scenarios.apply_scenario`.
 """
@@ -35,8 +34,37 @@ from hemexp.core.clinical import (
 )
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import atomic_dir, read_json, write_json
-from hemexp.sampling.flags import FlagPlan
-from hemexp.sampling.scenarios import Change, Scenario
+from hemexp.core.layout import Layout
+from hemexp.io.masks import read_mask
+from hemexp.io.nifti import affine_spacing_mm, make_image, spacing_mm
+from hemexp.preprocess.pipeline import (
+    KINDS,
+    lesion_safe_brain,
+    load_scan,
+    resample_timepoint,
+    skull_stripped,
+    template_grid,
+    write_on_grid,
+)
+from hemexp.preprocess.register import (
+    MODEL_GRID,
+    TRANSFORMS_DIR,
+    nib_to_ants,
+    register_baseline,
+    save_native_grid,
+)
+from hemexp.sampling.figure import sample_figure
+from hemexp.sampling.flags import FlagPlan, classifier_probability, parse_flag_source, plan_flags
+from hemexp.sampling.products import (
+    baseline_volumes,
+    probability_maps,
+    sample_volumes,
+    summarise,
+    volume_table,
+    write_products,
+)
+from hemexp.sampling.sampler import generate_followups, load_bundle
+from hemexp.sampling.scenarios import Change, Scenario, apply_scenario
 
 BASELINE_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz")
 
@@ -58,9 +86,12 @@ def load_baseline(patient: PatientInput) -> tuple[dict[str, np.ndarray], np.ndar
         path = patient.patient_dir / name
         if not path.is_file():
             raise PatientInputError(patient.patient_id, path, "preprocessed baseline file missing")
-        img = nib.load(str(path))
-        out[key] = np.asarray(img.dataobj, dtype=np.float32 if key == "ct" else np.uint8)
-        affine = img.affine if affine is None else affine
+        if key == "ct":
+            img = nib.load(str(path))
+            out[key], grid = np.asarray(img.dataobj, dtype=np.float32), img.affine
+        else:
+            out[key], grid = read_mask(path, patient.patient_id, f"baseline {key.upper()} mask")
+        affine = grid if affine is None else affine
     if not out["iph"].any():
         raise PatientInputError(patient.patient_id, patient.patient_dir / BASELINE_FILES[1],
                                 "baseline IPH is empty on the model grid: nothing to simulate")
@@ -74,20 +105,10 @@ def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, setting
 
     ``extra`` is merged into summary.json; ``copy_dirs`` (name -> folder) are copied into the products.
     """
-    from hemexp.sampling.figure import sample_figure
-    from hemexp.sampling.products import (
-        baseline_volumes,
-        probability_maps,
-        sample_volumes,
-        summarise,
-        volume_table,
-        write_products,
-    )
-    from hemexp.sampling.sampler import generate_followups
 
     t0 = time.perf_counter()
     baseline, affine = load_baseline(patient)
-    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    spacing = affine_spacing_mm(affine)
     fs = generate_followups(bundle, baseline, spacing[2], clinical_vector(patient.clinical), plan.all_flags, settings,
                             sampling_cfg["z_margin_mm"], sampling_cfg["mask_threshold"], hu_window, progress)
     t1 = time.perf_counter()
@@ -133,51 +154,27 @@ def prepare_baseline(cfg: dict[str, Any], patient_id: str, ct_path: str | Path, 
     ``ivh_path`` None means no IVH (an empty mask); the same path for IPH and IVH means a label map
     (``cohort.mask_labels``). Returns the summary.
     """
-    from hemexp.io.ingest import load_ct, load_mask
-    from hemexp.io.nifti import make_image, save_nifti, spacing_mm
-    from hemexp.preprocess.grid import model_grid
-    from hemexp.preprocess.register import (
-        BL_TO_TEMPLATE,
-        MODEL_GRID,
-        TRANSFORMS_DIR,
-        nib_to_ants,
-        register,
-        save_native_grid,
-        to_model_grid,
-    )
-    from hemexp.preprocess.skullstrip import brain_mask
-    from hemexp.preprocess.template import load_template
 
-    pre, labels = cfg["preprocess"], cfg["cohort"]["mask_labels"]
+    pre = cfg["preprocess"]
     t0 = time.perf_counter()
-    ct = load_ct(ct_path, patient_id)
-    label_map = ivh_path is not None and Path(iph_path) == Path(ivh_path)
-    masks = {"iph": load_mask(iph_path, ct, "iph", labels, label_map, patient_id)}
-    masks["ivh"] = (load_mask(ivh_path, ct, "ivh", labels, label_map, patient_id) if ivh_path is not None
-                    else make_image(np.zeros(ct.shape, np.uint8), ct.affine))
+    scan = load_scan(ct_path, iph_path, ivh_path, cfg["cohort"]["mask_labels"], patient_id)
+    ct, masks = scan["ct"], {k: scan[k] for k in KINDS}
     native_ml = {k: mask_volume_ml(np.asarray(m.dataobj), spacing_mm(ct)) for k, m in masks.items()}
     if native_ml["iph"] == 0:
         raise PatientInputError(patient_id, iph_path, "baseline IPH mask is empty (no hemorrhage to model)")
-    brain_img, strip = brain_mask(ct, pre["skullstrip"], patient_id, tuple(pre["brain_volume_ml"]))
-    brain = np.logical_or.reduce([np.asarray(brain_img.dataobj) > 0, *(np.asarray(m.dataobj) > 0 for m in masks.values())])
-    stripped = make_image(np.asarray(ct.dataobj, np.float32) * brain, ct.affine)
+    brain, strip = lesion_safe_brain(ct, masks["iph"], masks["ivh"], cfg, patient_id)
+    stripped = skull_stripped(ct, brain)
     t1 = time.perf_counter()
-    template, tmask = load_template(cfg)
-    grid = model_grid(tmask, pre["spacing_mm"], pre["crop"])
+    template, _, grid = template_grid(cfg)
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="hemexp_sim_") as work:
-        (tmp / TRANSFORMS_DIR).mkdir()
-        mat = register(nib_to_ants(template), nib_to_ants(stripped), "Rigid", cfg["seed"], pre["registration_mm"], work)
-        shutil.copyfile(mat, tmp / TRANSFORMS_DIR / BL_TO_TEMPLATE)
+        register_baseline(nib_to_ants(template), nib_to_ants(stripped), cfg["seed"], pre["registration_mm"],
+                          tmp / TRANSFORMS_DIR, work)
         grid.save(tmp / TRANSFORMS_DIR / MODEL_GRID)
         save_native_grid(ct, tmp)
         t2 = time.perf_counter()
-        on_grid = {"ct": np.asarray(to_model_grid(stripped, tmp, "bl", "linear").dataobj, np.float32)}
-        brain_grid = np.asarray(to_model_grid(make_image(brain.astype(np.uint8), ct.affine), tmp, "bl", "label").dataobj)
-        on_grid.update({k: np.asarray(to_model_grid(m, tmp, "bl", "label").dataobj, np.uint8) for k, m in masks.items()})
-        for key, dtype in (("ct", np.float32), ("iph", np.uint8), ("ivh", np.uint8)):
-            save_nifti(grid.image(on_grid[key], dtype), tmp / f"bl_{key}.nii.gz", dtype)
-        save_nifti(grid.image(brain_grid, np.uint8), tmp / "brain_bl.nii.gz", np.uint8)
-        grid_ml = {k: mask_volume_ml(on_grid[k], grid.spacing) for k in ("iph", "ivh")}
+        vols = resample_timepoint(stripped, make_image(brain, ct.affine), masks, tmp, "bl")
+        write_on_grid(grid, vols, tmp)
+        grid_ml = {k: mask_volume_ml(vols[f"bl_{k}"], grid.spacing) for k in KINDS}
         if grid_ml["iph"] == 0:
             raise PatientInputError(patient_id, iph_path, "baseline IPH lies outside the model grid after registration")
         summary = {"patient_id": patient_id, "volumes_ml": {"baseline": {**native_ml, "total": sum(native_ml.values())}},
@@ -298,11 +295,8 @@ def resolve_template(cfg: dict[str, Any], args: Any, files: Mapping[str, Path | 
 
 def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
     """``hemexp simulate``: preprocess the baseline, sample, write products, print the summary table."""
-    from hemexp.sampling.flags import parse_flag_source, plan_flags
-    from hemexp.sampling.sampler import load_bundle
-    from hemexp.sampling.scenarios import apply_scenario
 
-    models = Path(args.models) if args.models else Path(cfg["results_dir"]) / "models"
+    models = Path(args.models) if args.models else Layout.of(cfg).models
     variant = args.variant or cfg["evaluation"].get("perturbation_variant") or next(iter(cfg["diffusion"]["variants"]))
     files = model_files(models, variant)
     missing = [k for k in ("vae", "diffusion", "stats") if files[k] is None]
@@ -326,7 +320,6 @@ def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
         clinical = clinical_values(given, native["iph"])
         used = {k: float(v) for k, v in apply_scenario(clinical, scenario).items()}
         if source == "classifier":
-            from hemexp.sampling.flags import classifier_probability
 
             p, label = classifier_probability(str(files["classifier"]), {**used, "baseline_ivh_ml": native["ivh"]}), "classifier"
         else:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from hemexp.core.tables import markdown_table
+
 # Tags every HemExp run carries (hemexp.tracking.runs.run_tags); shown first so runs are identifiable.
 IDENTITY_TAGS = ("stage", "variant", "config_hash", "data_version", "git_commit")
 
@@ -76,8 +78,5 @@ def render(table: pd.DataFrame, fmt: str = "text") -> str:
     if fmt == "csv":
         return table.to_csv()
     if fmt == "markdown":
-        head = "| " + " | ".join([table.index.name, *table.columns]) + " |"
-        sep = "|" + "---|" * (len(table.columns) + 1)
-        body = ["| " + " | ".join([i, *row]) + " |" for i, row in zip(table.index, table.values.tolist(), strict=True)]
-        return "\n".join([head, sep, *body]) + "\n"
+        return markdown_table(table, index=True)
     return table.to_string() + "\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hemexp.core.config import REPO_ROOT, config_hash
+from hemexp.core.layout import Layout, manifest_path
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 
@@ -27,7 +28,7 @@ def tracking_uri(cfg: dict[str, Any]) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     if cfg["tracking"].get("uri"):
         return cfg["tracking"]["uri"]
-    db = (Path(cfg["results_dir"]) / "mlflow" / "mlflow.db").resolve()
+    db = Layout.of(cfg).mlflow_db.resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
@@ -66,7 +67,6 @@ def data_version(cfg: dict[str, Any]) -> str:
     """Version of the input data: ``dvc:<hash>`` of the raw folder when it is tracked with ``dvc add``
     (``<raw>.dvc`` beside it, the manifest's folder), else ``manifest:<sha256[:12]>`` of the manifest
     (which names every input file), else 'unknown' (the synthetic cohort before ``hemexp synth``)."""
-    from hemexp.core.layout import manifest_path
 
     manifest = manifest_path(cfg)
     raw = manifest.resolve().parent

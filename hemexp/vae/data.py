@@ -50,6 +50,29 @@ _INDEX_COLUMNS = ["patient_id", "split", "site", "z", "is_target", "height", "wi
                   *CLINICAL_NAMES]
 
 
+def window_ct(ct_hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+    """HU -> [0, 1] float32 through ``hu_window`` (the paper's input normalisation, clipped outside).
+
+    The VAE's input scaling, defined here with the VAE's training items because the model only knows
+    CT through it: sampling (:func:`hemexp.sampling.sampler.slice_stack`) imports this function rather
+    than restating it, so inference inputs cannot drift from what the VAE was trained on. Disk keeps HU.
+    """
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    return np.clip((np.asarray(ct_hu, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def unwindow_ct(ct01: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+    """The inverse of :func:`window_ct` for decoded CT: [0, 1] -> HU float32, clamped to the window first
+    (the VAE never saw values outside it)."""
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    return (np.clip(ct01, 0.0, 1.0) * (hi - lo) + lo).astype(np.float32)
+
+
+def vae_channels(ct_hu: np.ndarray, iph: np.ndarray, ivh: np.ndarray, hu_window: Sequence[float]) -> list[np.ndarray]:
+    """The VAE's three input channels of one slice: windowed CT, IPH and IVH as float32 {0, 1}."""
+    return [window_ct(ct_hu, hu_window), np.asarray(iph).astype(np.float32), np.asarray(ivh).astype(np.float32)]
+
+
 def step_slices_from_config(cfg: dict[str, Any]) -> int:
     """2.5D neighbour step in slices: round(shards.context_step_mm / spacing_z), at least 1."""
     return max(1, int(round(cfg["shards"]["context_step_mm"] / cfg["preprocess"]["spacing_mm"][2])))
@@ -154,15 +177,8 @@ class SliceDataset(Dataset):
         group, offset = self.shards[shard].group_of(row)
         return self._group(shard, group)[column][offset]
 
-    def window(self, ct: np.ndarray) -> np.ndarray:
-        """HU -> [0, 1] through ``hu_window`` (the paper's input normalisation)."""
-        lo, hi = self.hu_window
-        return np.clip((ct.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-
     def _triple(self, shard: int, row: int, prefix: str) -> list[np.ndarray]:
-        ct, iph, ivh = (f"{prefix}_ct", f"{prefix}_iph", f"{prefix}_ivh")
-        return [self.window(self._slice(shard, row, ct)), self._slice(shard, row, iph).astype(np.float32),
-                self._slice(shard, row, ivh).astype(np.float32)]
+        return vae_channels(*(self._slice(shard, row, f"{prefix}_{k}") for k in ("ct", "iph", "ivh")), self.hu_window)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.rows.iloc[int(i)]

@@ -29,8 +29,12 @@ from monai.metrics import DiceMetric, SSIMMetric
 from torch.utils.data import DataLoader, Dataset
 
 from hemexp.core.files import atomic_path, write_json
+from hemexp.core.layout import Layout
+from hemexp.core.tables import markdown_table, write_csv
+from hemexp.tracking.runs import RUN_ID_FILE, log_to_model_run
 from hemexp.vae.figures import figure_slices, reconstruction_figure
-from hemexp.vae.model import MultiHeadVAE
+from hemexp.vae.model import MultiHeadVAE, load_vae, reconstruct
+from hemexp.vae.train import target_slices
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +44,6 @@ EMPTY_MASK_CONVENTION = (
     "with a non-empty reconstruction scores 0 (MONAI DiceMetric(ignore_empty=False))."
 )
 PAPER_FIDELITY = {"Train": (0.931, 0.986, 0.943), "Test": (0.914, 0.986, 0.974)}
-
-
-@torch.no_grad()
-def reconstruct(vae: MultiHeadVAE, x: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] slices -> [N, 3, H, W] (clamped CT, P(IPH), P(IVH)) via the posterior mean."""
-    probs = vae.decode_probs(vae.encode_mean(x.float()))
-    return torch.cat([probs["ct"], probs["iph"], probs["ivh"]], dim=1).float()
 
 
 def slice_metrics(x: torch.Tensor, recon: torch.Tensor, threshold: float = 0.5) -> dict[str, np.ndarray]:
@@ -90,33 +87,28 @@ def fidelity_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| split | " + " | ".join(COLUMNS) + " | slices |", "|---|" + "---|" * (len(COLUMNS) + 1)]
-    for split, row in table.iterrows():
-        n = results[split]["n_slices"]
-        lines.append(f"| {split} | " + " | ".join(f"{row[c]:.3f}" for c in COLUMNS) + f" | {n} |")
+    """The fidelity table (3 decimals, slice count per split), the empty-mask convention and the paper's numbers."""
+    shown = pd.DataFrame({"split": list(table.index),
+                          **{c: [f"{float(v):.3f}" for v in table[c]] for c in COLUMNS},
+                          "slices": [results[split]["n_slices"] for split in table.index]})
     paper = " / ".join(f"{c} {PAPER_FIDELITY['Train'][i]:.3f}/{PAPER_FIDELITY['Test'][i]:.3f}"
                        for i, c in enumerate(COLUMNS))
-    return "\n".join(lines) + f"\n\n{EMPTY_MASK_CONVENTION}\n\nPaper (train/test): {paper}.\n"
+    return markdown_table(shown) + f"\n{EMPTY_MASK_CONVENTION}\n\nPaper (train/test): {paper}.\n"
 
 
 def evaluate_vae(cfg: dict[str, Any], vae_path: str | Path | None = None) -> dict[str, Any]:
     """``hemexp eval-vae``: fidelity table (csv/md/json), reconstruction figure, MLflow logging."""
-    from hemexp.tracking.runs import RUN_ID_FILE, log_to_model_run
-    from hemexp.vae.model import load_vae
-    from hemexp.vae.train import run_dir_of, target_slices
 
-    results_dir = Path(cfg["results_dir"])
-    run_dir = run_dir_of(cfg)
+    layout = Layout.of(cfg)
+    run_dir = layout.vae_dir
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    vae = load_vae(vae_path or run_dir / "vae.pt", map_location=device)
+    vae = load_vae(vae_path or layout.vae_model, map_location=device)
     datasets = {"Train": target_slices(cfg, "train", cache=False), "Test": target_slices(cfg, "test", cache=False)}
     results = {split: evaluate_dataset(vae, ds, 32, device) for split, ds in datasets.items()}
     table = fidelity_table(results)
-    metrics_dir = results_dir / "metrics"
-    paths = {"csv": metrics_dir / "vae_fidelity.csv", "md": metrics_dir / "vae_fidelity.md",
-             "json": metrics_dir / "vae_fidelity.json", "png": results_dir / "figures" / "vae_reconstructions.png"}
-    with atomic_path(paths["csv"]) as tmp:
-        table.to_csv(tmp, float_format="%.4f")
+    paths = {ext: layout.metric(f"vae_fidelity.{ext}") for ext in ("csv", "md", "json")}
+    paths["png"] = layout.figure("vae_reconstructions.png")
+    write_csv(table, paths["csv"], index=True, float_format="%.4f")
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(to_markdown(table, results))
     write_json(paths["json"], {"results": results, "empty_mask_convention": EMPTY_MASK_CONVENTION,

@@ -43,3 +43,5 @@ def figure_slices(dataset: Dataset, n: int = 4) -> torch.Tensor:
     area = [float(dataset[int(i)][1].sum()) for i in look]
     best = sorted(look[np.argsort(area)[::-1][:n]])
     return torch.stack([dataset[int(i)] for i in best])
+
+

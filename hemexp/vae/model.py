@@ -157,3 +157,10 @@ def load_vae(path: str | Path, map_location: str | torch.device | None = "cpu") 
     if map_location is not None:
         model.to(map_location)
     return model
+
+
+@torch.no_grad()
+def reconstruct(vae: MultiHeadVAE, x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] slices -> [N, 3, H, W] (clamped CT, P(IPH), P(IVH)) via the posterior mean."""
+    probs = vae.decode_probs(vae.encode_mean(x.float()))
+    return torch.cat([probs["ct"], probs["iph"], probs["ivh"]], dim=1).float()

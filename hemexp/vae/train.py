@@ -33,9 +33,14 @@ from monai.networks.layers import AffineTransform
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from hemexp.cohort.patients import patients
+from hemexp.core.layout import Layout
 from hemexp.engine import trainer as common
+from hemexp.tracking.runs import RUN_ID_FILE, start_run
+from hemexp.vae.data import SliceDataset
+from hemexp.vae.figures import reconstruction_figure
 from hemexp.vae.losses import LossWeights, VAELoss, build_discriminator
-from hemexp.vae.model import MultiHeadVAE, VAEConfig
+from hemexp.vae.model import MultiHeadVAE, VAEConfig, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +174,8 @@ class VAEModule(pl.LightningModule):
         return optimizers, [{"scheduler": sched, "interval": "step"}]
 
     def on_train_start(self) -> None:
+        # That vae.resolutions fit the latent factor is a config rule (hemexp.core.config), checked at load.
         self._micro, self._sums = 0, {}  # checkpoints are written at step boundaries only
-        factor = self.vae.downsample_factor
-        bad = [s for s, _ in self.cfg["resolutions"] if int(s) % factor]
-        if bad:
-            raise ValueError(f"vae.resolutions: sizes {bad} are not divisible by the latent factor {factor}")
 
     def prepare_batch(self, x: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
         """Progressive resolution, then augmentation."""
@@ -234,8 +236,6 @@ class PreviewCallback(pl.Callback):
         step = trainer.global_step
         if step == self._last or not trainer.is_global_zero:
             return
-        from hemexp.vae.fidelity import reconstruct
-        from hemexp.vae.figures import reconstruction_figure
 
         was_training = module.vae.training
         module.vae.eval()
@@ -303,16 +303,12 @@ def _fingerprint_cfg(vae_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- entry point
-def run_dir_of(cfg: dict[str, Any]) -> Path:
-    """Where the VAE's checkpoints, ``vae.pt`` and MLflow run id live."""
-    return Path(cfg["results_dir"]) / "models" / "vae"
 
 
 def split_shards(cfg: dict[str, Any], split: str) -> list[Path]:
     """Existing shard files of the cohort's patients in ``split`` (missing ones are reported)."""
-    from hemexp.cohort.patients import patients
 
-    paths = [Path(cfg["results_dir"]) / "shards" / f"{p.patient_id}.parquet"
+    paths = [Layout.of(cfg).shard(p.patient_id)
              for p in patients(cfg) if p.split == split]
     missing = [p for p in paths if not p.exists()]
     if missing:
@@ -322,30 +318,26 @@ def split_shards(cfg: dict[str, Any], split: str) -> list[Path]:
 
 def target_slices(cfg: dict[str, Any], split: str, cache: bool | None = None) -> VAESlices:
     """Baseline and follow-up target slices of one split, as the VAE sees them."""
-    from hemexp.vae.data import SliceDataset
 
     shards = split_shards(cfg, split)
     if not shards:
-        raise FileNotFoundError(f"no {split} shards under {Path(cfg['results_dir']) / 'shards'}")
+        raise FileNotFoundError(f"no {split} shards under {Layout.of(cfg).shards_dir}")
     rows = SliceDataset.from_config(cfg, shards, context=1, splits=(split,), only_targets=True)
     return VAESlices(rows, cache=cache)
 
 
 def train_vae(cfg: dict[str, Any], resume: bool | None = None) -> Path:
     """``hemexp train-vae``: train on the train split's target slices, write ``vae.pt``, track in MLflow."""
-    from hemexp.tracking.runs import RUN_ID_FILE, start_run
 
     vae_cfg = cfg["vae"]
-    run_dir = run_dir_of(cfg)
+    run_dir = Layout.of(cfg).vae_dir
     dataset = target_slices(cfg, "train")
     shard_names = sorted(p.name for p in split_shards(cfg, "train"))
     fingerprint = common.training_fingerprint(_fingerprint_cfg(vae_cfg), cfg["seed"], cfg["preprocess"],
                                               cfg["shards"], shard_names)
     log.info("VAE training on %d slices (%d shards), run dir %s", len(dataset), len(shard_names), run_dir)
     rank0 = common.global_rank() == 0
-    if rank0 and common.resume_checkpoint(run_dir, fingerprint, resume) is None:
-        (run_dir / RUN_ID_FILE).unlink(missing_ok=True)  # a fresh training is a fresh MLflow run
-        resume = False
+    resume = common.resume_or_start_afresh(run_dir, fingerprint, resume, forget=(RUN_ID_FILE,))
     tracking = start_run(cfg, "vae", run_dir) if rank0 else contextlib.nullcontext()
     with tracking:
         module, trainer = fit_vae(vae_cfg, dataset, run_dir, seed=int(cfg["seed"]), resume=resume,

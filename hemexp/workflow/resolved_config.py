@@ -8,21 +8,17 @@ never triggers reruns by itself; rules declare the config sections they depend o
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hemexp.core.files import atomic_path
-
-
-def resolved_config_path(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["results_dir"]) / "config" / "resolved.yaml"
+from hemexp.core.layout import Layout
 
 
 def write_resolved_config(cfg: dict[str, Any]) -> str:
     """Write the merged config if it changed; return its path (for ``--config`` in rule commands)."""
-    path = resolved_config_path(cfg)
+    path = Layout.of(cfg).resolved_config
     text = yaml.safe_dump(cfg, sort_keys=True)
     if not path.exists() or path.read_text() != text:
         with atomic_path(path) as tmp:

@@ -25,6 +25,7 @@ extra ``hemexp_channels`` entry of ``dataset.json`` (nnU-Net ignores keys it doe
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,28 @@ import numpy as np
 
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import atomic_dir, atomic_path, write_json
+from hemexp.core.layout import Layout
+from hemexp.io.masks import read_mask
+from hemexp.io.nifti import grid_mismatch, read_volume
 
+
+@dataclass(frozen=True)
+class NnunetBaseline:
+    """One nnU-Net baseline: its name in config ``baselines``, the nnU-Net configuration it trains and
+    its Table 2 row label."""
+
+    name: str
+    configuration: str
+    method: str
+
+
+# The one table of nnU-Net baselines: the workflow (rules/baselines.smk) trains what it lists, the
+# evaluation scores it under ``method``; a new baseline is one line here.
+NNUNET_BASELINES: dict[str, NnunetBaseline] = {
+    b.name: b for b in (NnunetBaseline("nnunet_2d", "2d", "nnUNet-2D"), NnunetBaseline("nnunet_3d", "3d_fullres", "nnUNet-3D"))
+}
 # Baseline name in config ``baselines`` -> nnU-Net configuration it trains.
-BASELINE_CONFIGURATIONS: dict[str, str] = {"nnunet_2d": "2d", "nnunet_3d": "3d_fullres"}
+BASELINE_CONFIGURATIONS: dict[str, str] = {b.name: b.configuration for b in NNUNET_BASELINES.values()}
 IMAGE_FILES: tuple[str, ...] = ("bl_ct", "bl_iph", "bl_ivh")  # channel order _0000, _0001, _0002
 LABEL_FILES: tuple[str, ...] = ("fu_iph", "fu_ivh")
 CHANNEL_NAMES: dict[str, str] = {"0": "CT", "1": "noNorm", "2": "noNorm"}
@@ -44,9 +64,6 @@ CHANNEL_MEANING: dict[str, str] = {"0": "baseline CT (HU)", "1": "baseline IPH m
 LABELS: dict[str, int] = {"background": 0, "IPH": 1, "IVH": 2}
 FILE_ENDING = ".nii.gz"
 PLANS = "nnUNetPlans"
-# Geometry tolerance between files of one case (mm / direction cosines); the grid is written by one
-# resampling step, so anything beyond float32 rounding means the files do not belong together.
-AFFINE_ATOL = 1e-3
 
 
 def dataset_name(dataset_id: int) -> str:
@@ -93,21 +110,22 @@ class NnunetLayout:
 
 
 def layout(cfg: dict[str, Any]) -> NnunetLayout:
-    return NnunetLayout(Path(cfg["results_dir"]) / "nnunet", dataset_name(cfg["nnunet"]["dataset_id"]))
+    return NnunetLayout(Layout.of(cfg).nnunet_dir, dataset_name(cfg["nnunet"]["dataset_id"]))
 
 
-def active_baselines(cfg: dict[str, Any]) -> dict[str, str]:
+def _listed(cfg: Mapping[str, Any]) -> list[NnunetBaseline]:
+    """The nnU-Net baselines listed in config ``baselines``, in config order ("copy" needs no model)."""
+    return [NNUNET_BASELINES[b] for b in cfg["baselines"] if b in NNUNET_BASELINES]
+
+
+def active_baselines(cfg: Mapping[str, Any]) -> dict[str, str]:
     """The nnU-Net baselines listed in config ``baselines``, mapped to their nnU-Net configuration."""
-    return {b: BASELINE_CONFIGURATIONS[b] for b in cfg["baselines"] if b in BASELINE_CONFIGURATIONS}
+    return {b.name: b.configuration for b in _listed(cfg)}
 
 
-def baseline_mask_dir(cfg: dict[str, Any], baseline: str, patient_id: str) -> Path:
-    """Where the evaluation reads a baseline's masks: ``results/baselines/<baseline>/<p>/``."""
-    return Path(cfg["results_dir"]) / "baselines" / baseline / patient_id
-
-
-def preprocessed_dir(cfg: dict[str, Any], patient_id: str) -> Path:
-    return Path(cfg["results_dir"]) / "preprocessed" / patient_id
+def baseline_methods(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The nnU-Net baselines listed in config ``baselines``, mapped to their Table 2 row label."""
+    return {b.name: b.method for b in _listed(cfg)}
 
 
 def dataset_json(n_training: int) -> dict[str, Any]:
@@ -132,35 +150,26 @@ def follow_up_label(iph: np.ndarray, ivh: np.ndarray) -> np.ndarray:
     return label
 
 
-def _load_checked(patient_id: str, folder: Path, names: tuple[str, ...]) -> dict[str, nib.Nifti1Image]:
-    """Load a case's files and check they share one grid and that masks are binary.
+def _load_checked(patient_id: str, folder: Path, names: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read a case's files (name -> (array, affine)) and check they share one grid and that masks are binary.
 
     nnU-Net would fail on a mismatched case much later (or, worse, silently resample it), so the
-    problem is raised here, naming patient and file.
+    problem is raised here, naming patient and file. Masks go through the one mask reader
+    (:func:`hemexp.io.masks.read_mask`, {0,1} only: the files are byte-copied into nnU-Net's input).
     """
-    images: dict[str, nib.Nifti1Image] = {}
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in names:
         path = folder / f"{name}{FILE_ENDING}"
         if not path.is_file():
             raise PatientInputError(patient_id, path, "missing preprocessed file")
-        img = nib.load(path)
-        if img.ndim != 3:
-            raise PatientInputError(patient_id, path, f"expected a 3D image, got shape {img.shape}")
-        images[name] = img
+        arrays[name] = read_volume(path, patient_id, name) if name == "bl_ct" else read_mask(path, patient_id, name)
     ref_name = names[0]
-    ref = images[ref_name]
-    for name, img in images.items():
-        if img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=AFFINE_ATOL):
-            raise PatientInputError(
-                patient_id, folder / f"{name}{FILE_ENDING}",
-                f"grid {img.shape} differs from {ref_name}{FILE_ENDING} {ref.shape} (shape or affine)",
-            )
-        if name != "bl_ct":
-            values = np.unique(np.asanyarray(img.dataobj))
-            if not set(values.tolist()) <= {0, 1}:
-                raise PatientInputError(patient_id, folder / f"{name}{FILE_ENDING}",
-                                        f"mask is not binary (values {values[:6].tolist()})")
-    return images
+    ref_shape, ref_affine = arrays[ref_name][0].shape, arrays[ref_name][1]
+    for name, (data, affine) in arrays.items():
+        problem = grid_mismatch(data.shape, affine, ref_shape, ref_affine, what=name, ref_what=ref_name)
+        if problem:
+            raise PatientInputError(patient_id, folder / f"{name}{FILE_ENDING}", problem)
+    return arrays
 
 
 def _channel_files(patient_id: str, src: Path, images_dir: Path) -> None:
@@ -172,10 +181,10 @@ def _channel_files(patient_id: str, src: Path, images_dir: Path) -> None:
 
 def export_training_case(patient_id: str, src: Path, images_dir: Path, labels_dir: Path) -> None:
     """One training case: its three channel files and the follow-up label map (IPH wins overlaps)."""
-    images = _load_checked(patient_id, src, IMAGE_FILES + LABEL_FILES)
+    arrays = _load_checked(patient_id, src, IMAGE_FILES + LABEL_FILES)
     _channel_files(patient_id, src, images_dir)
-    iph, ivh = (np.asanyarray(images[n].dataobj) for n in LABEL_FILES)
-    ref = images["fu_iph"]
+    iph, ivh = (arrays[n][0] for n in LABEL_FILES)
+    ref = nib.load(src / f"fu_iph{FILE_ENDING}")  # header only (nibabel reads voxels lazily)
     label = nib.Nifti1Image(follow_up_label(iph, ivh), ref.affine, ref.header)
     label.set_data_dtype(np.uint8)
     label.header.set_slope_inter(1, 0)
@@ -190,7 +199,7 @@ def heldout_image_paths(cfg: dict[str, Any], patient_id: str) -> list[Path]:
 
 def export_heldout_case(cfg: dict[str, Any], patient_id: str) -> list[Path]:
     """One test case into ``imagesTs``, on its own: adding a test patient touches no training product."""
-    src = preprocessed_dir(cfg, patient_id)
+    src = Layout.of(cfg).preprocessed(patient_id)
     _load_checked(patient_id, src, IMAGE_FILES)
     out = heldout_image_paths(cfg, patient_id)
     _channel_files(patient_id, src, out[0].parent)
@@ -213,7 +222,7 @@ def export_training(cfg: dict[str, Any], train_ids: list[str]) -> list[PatientIn
         with atomic_dir(lay.raw_dataset / "imagesTr") as images, atomic_dir(lay.raw_dataset / "labelsTr") as labels:
             for pid in sorted(train_ids):
                 try:
-                    export_training_case(pid, preprocessed_dir(cfg, pid), images, labels)
+                    export_training_case(pid, Layout.of(cfg).preprocessed(pid), images, labels)
                 except PatientInputError as err:
                     errors.append(err)
             if errors:
@@ -239,9 +248,9 @@ def prediction_to_masks(patient_id: str, prediction: Path, reference: Path, out_
         if not path.is_file():
             raise PatientInputError(patient_id, path, "file not found")
     pred, ref = nib.load(prediction), nib.load(reference)
-    if pred.shape != ref.shape or not np.allclose(pred.affine, ref.affine, atol=AFFINE_ATOL):
-        raise PatientInputError(patient_id, prediction,
-                                f"prediction grid {pred.shape} does not match the model grid {ref.shape}")
+    problem = grid_mismatch(pred.shape, pred.affine, ref.shape, ref.affine, what="prediction", ref_what="the model")
+    if problem:
+        raise PatientInputError(patient_id, prediction, problem)
     label = np.asanyarray(pred.dataobj)
     values = set(np.unique(label).tolist())
     if not values <= set(LABELS.values()):

@@ -41,9 +41,9 @@ from hemexp.cohort.synth.law import (
 from hemexp.cohort.synth.lesion import Lesion, displace, draw_lesion, followup_field
 from hemexp.cohort.synth.scan import Blood, Rendered, ScanGeometry, draw_geometry, render_scan
 from hemexp.core.clinical import CLINICAL_NAMES, is_expansion, mask_volume_ml
-from hemexp.core.config import ConfigError
+from hemexp.core.config import ConfigError, validate_config
 from hemexp.core.files import atomic_path, write_json
-from hemexp.core.layout import raw_dir
+from hemexp.core.layout import Layout, raw_dir
 
 log = logging.getLogger(__name__)
 LABEL_MARGIN = 0.02  # eta distance kept from the expansion threshold (voxel rounding cannot flip a label)
@@ -74,28 +74,19 @@ class PatientSim:
     realised: dict[str, float] = field(default_factory=dict)
 
 
-def check_config(syn: dict[str, Any]) -> None:
-    """Consistency the JSON schema cannot express; raises ConfigError naming the keys."""
-    problems = []
-    if syn["n_patients"] != sum(syn["sites"].values()):
-        problems.append(f"cohort.synthetic.n_patients ({syn['n_patients']}) != sum of cohort.synthetic.sites "
-                        f"({sum(syn['sites'].values())})")
-    unknown = [s for s in syn["test_sites"] if s not in syn["sites"]]
-    if unknown:
-        problems.append(f"cohort.synthetic.test_sites {unknown} are not in cohort.synthetic.sites")
-    if len(set(syn["test_sites"])) == len(syn["sites"]):
-        problems.append("cohort.synthetic.test_sites leaves no training site")
-    lo, hi = syn["slice_thickness_mm"]
-    if lo > hi or syn["expander_fraction"][0] > syn["expander_fraction"][1]:
-        problems.append("cohort.synthetic ranges must be [low, high]")
-    if problems:
-        raise ConfigError(problems, "cohort.synthetic")
-
-
 def synthesize(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Simulate and write the cohort under ``raw_dir(cfg)``; returns the truth document."""
+    """Simulate and write the cohort under ``raw_dir(cfg)``; returns the truth document.
+
+    The config is validated first (:func:`hemexp.core.config.validate_config` holds the cohort's
+    cross-key rules: test sites among the sites, a training site left, ranges [low, high]). That
+    ``n_patients`` is the sum of the sites is checked here only: it matters only to synthesis, and
+    small test cohorts (below the schema's minimum ``n_patients``) run the other stages.
+    """
+    validate_config(cfg, source="cohort.synthetic")
     syn = cfg["cohort"]["synthetic"]
-    check_config(syn)
+    if syn["n_patients"] != sum(syn["sites"].values()):
+        raise ConfigError([f"cohort.synthetic.n_patients ({syn['n_patients']}) != sum of cohort.synthetic.sites "
+                           f"({sum(syn['sites'].values())})"], "cohort.synthetic")
     out = raw_dir(cfg)
     ids = synthetic_patient_ids(cfg)
     t0 = time.perf_counter()
@@ -105,9 +96,10 @@ def synthesize(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         _followup(cfg, sim)
     truth = _truth(syn, sims, time.perf_counter() - t0)
     check_cohort(truth, syn["expander_fraction"])
-    write_json(out / "truth.json", truth)
-    _write_table(out / "clinical.tsv", _clinical_table(sims))
-    write_manifest(_manifest(cfg, sims), out / "manifest.tsv")
+    layout = Layout.of(cfg)
+    write_json(layout.truth, truth)
+    _write_table(layout.synthetic_clinical, _clinical_table(sims))
+    write_manifest(_manifest(cfg, sims), layout.synthetic_manifest)
     log.info("synthetic cohort: %d patients in %.1f s under %s", len(sims), time.perf_counter() - t0, out)
     return truth
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hemexp.cohort.synth.law import expected_growth
 from hemexp.core.clinical import CLINICAL_BY_NAME
+from hemexp.core.files import read_json
 from hemexp.sampling.scenarios import UNPERTURBED, Scenario, apply_scenario
 
 FAVOURING = "expansion_favouring"
@@ -107,7 +109,6 @@ def read_truth(path: str | Path) -> tuple[dict[str, float], pd.DataFrame]:
     under ``patients.<id>.clinical``; reading both from the same file guarantees the comparison uses
     the law the cohort was actually drawn from, not the current config.
     """
-    from hemexp.core.files import read_json
 
     truth = read_json(path)
     rows = [{"patient_id": pid, "split": p.get("split", ""), **{k: float(p["clinical"][k]) for k in CLINICAL_BY_NAME}}
@@ -125,7 +126,6 @@ def true_patient_deltas(clinical: pd.DataFrame, scenarios: Mapping[str, Scenario
     minus the baseline volume, i.e. the expected growth). The law moves IPH only, so this is also the
     true change of total hemorrhage (IVH is unaffected by the clinical variables).
     """
-    from hemexp.cohort.synth.law import expected_growth
 
     records = []
     for row in clinical.to_dict("records"):

@@ -34,9 +34,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hemexp.core.clinical import clinical_vector, mask_volume_ml
+from hemexp.core.files import atomic_path, write_json
+from hemexp.core.layout import Layout
 from hemexp.core.runtime import get_logger
-from hemexp.evaluation.guidance.effects import FAVOURING, STABLE
+from hemexp.core.tables import fmt_floats, markdown_table, write_csv, write_html
+from hemexp.diffusion.ddim import branches
+from hemexp.diffusion.latents import denormalise
+from hemexp.evaluation.figures import plot_guidance_and_perturbations, plot_learned_vs_true
+from hemexp.evaluation.guidance.effects import (
+    FAVOURING,
+    STABLE,
+    guidance_separation,
+    learned_vs_true,
+    perturbation_effects,
+    read_truth,
+)
+from hemexp.io.nifti import affine_spacing_mm
+from hemexp.preprocess.pipeline import read_summary
+from hemexp.sampling.flags import flag_plan_for
+from hemexp.sampling.products import assemble, baseline_volumes
+from hemexp.sampling.sampler import decode, encode_baseline, sample_deltas
 from hemexp.sampling.scenarios import UNPERTURBED, Scenario, apply_scenario
+from hemexp.sampling.simulate import PatientInput, load_baseline
 
 log = get_logger(__name__)
 
@@ -105,7 +125,6 @@ def perturb_patient(patient_id: str, clinical: Mapping[str, float], flags: Seque
 # ---------------------------------------------------------------------------- summaries
 def study_tables(volumes: pd.DataFrame, default_scale: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(scenario effects vs unperturbed at the default scale, guidance separation per scale)."""
-    from hemexp.evaluation.guidance.effects import guidance_separation, perturbation_effects
 
     single = volumes[(volumes["kind"] == SINGLE) & (volumes["guidance_scale"] == float(default_scale))]
     effects = perturbation_effects(single.drop(columns="guidance_scale"), reference=UNPERTURBED)
@@ -146,7 +165,6 @@ def learned_vs_true_table(volumes: pd.DataFrame, clinical: pd.DataFrame, single:
     * ``growth vs baseline (IPH)``: predicted IPH growth of every setting (unperturbed included) vs the
       law's expected growth (IPH: the law does not move IVH).
     """
-    from hemexp.evaluation.guidance.effects import learned_vs_true
 
     vols = volumes[(volumes["kind"] == SINGLE) & (volumes["guidance_scale"] == float(default_scale))]
     vols = vols[vols["patient_id"].isin(clinical["patient_id"])]
@@ -170,35 +188,23 @@ class BundleSampler:
     Rows the model cannot tell apart are sampled once: the sampler is deterministic per (inputs,
     sample id) whatever the batch, so identical scaled clinical vectors (e.g. "GCS 15" for a patient
     at 15, a clamped change), or any clinical values at guidance 0 (null branch only), share one
-    result. Written here because
-    :func:`hemexp.sampling.sampler.generate_followups` does not take sample ids and returns CT volumes this
-    study does not need.
+    result. Written here, over the sampling stage's :func:`~hemexp.sampling.sampler.encode_baseline`
+    and :func:`~hemexp.sampling.sampler.sample_deltas`, because
+    :func:`hemexp.sampling.sampler.generate_followups` encodes the baseline on every call and returns
+    CT volumes this study does not need.
     """
 
     def __init__(self, bundle: Any, baseline: dict[str, np.ndarray], spacing: Sequence[float], settings: Any,
                  z_margin_mm: float, mask_threshold: float, hu_window: Sequence[float]):
-        import torch
-
-        from hemexp.diffusion.latents import normalise
-        from hemexp.sampling.sampler import context_slices, encode, sampled_slices, slice_stack
 
         self.bundle, self.baseline, self.spacing = bundle, baseline, tuple(float(s) for s in spacing)
         self.settings, self.threshold = settings, float(mask_threshold)
-        model = bundle.diffusion
-        self.zs = sampled_slices(baseline["iph"], self.spacing[2], z_margin_mm)
-        ctx = context_slices(self.zs, model.context, bundle.step_slices, baseline["iph"].shape[2])
-        needed = np.unique(ctx)
-        images = slice_stack(baseline["ct"], baseline["iph"], baseline["ivh"], needed, hu_window)
-        z_bl = normalise(encode(bundle.vae, images, bundle.device, settings.decode_batch), bundle.stats)
-        row = {int(z): i for i, z in enumerate(needed)}
-        self.cond = torch.stack([z_bl[[row[int(z)] for z in c]].flatten(0, 1) for c in ctx])
-        self.centre = z_bl[[row[int(z)] for z in self.zs]]
+        enc = encode_baseline(bundle, baseline, self.spacing[2], z_margin_mm, hu_window, settings.decode_batch)
+        self.zs, self.cond, self.centre = enc.zs, enc.cond, enc.centre
         self.calls: list[dict[str, Any]] = []
 
     def __call__(self, clinical: Sequence[Mapping[str, float]], flags: Sequence[int], sample_ids: Sequence[int],
                  guidance_scale: float) -> list[dict[str, float]]:
-        from hemexp.core.clinical import clinical_vector
-        from hemexp.sampling.sampler import branches
 
         model = self.bundle.diffusion
         sees_clinical = model.uses_clinical and "cond" in branches(model, guidance_scale)
@@ -219,10 +225,6 @@ class BundleSampler:
         """Volumes of distinct rows: sample Δz, decode, reassemble onto the baseline, measure."""
         import torch
 
-        from hemexp.core.clinical import mask_volume_ml
-        from hemexp.diffusion.latents import denormalise
-        from hemexp.sampling.products import assemble
-        from hemexp.sampling.sampler import decode, sample_deltas
 
         settings = dataclasses.replace(self.settings, guidance_scale=float(guidance_scale))
         delta, info = sample_deltas(self.bundle.diffusion, self.bundle.sched_cfg, self.cond,
@@ -276,33 +278,16 @@ def run_study(patients: Sequence[str], load: Callable[[str], PatientStudy], sett
 def trained_loader(cfg: Mapping[str, Any], bundle: Any, sampler_settings: Any, n_samples: int
                    ) -> Callable[[str], PatientStudy]:
     """``load(patient_id)`` on the trained model: preprocessed baseline, clinical values, flag plan."""
-    from pathlib import Path
-
-    from hemexp.core.errors import PatientInputError
-    from hemexp.core.files import read_json
-    from hemexp.sampling.flags import classifier_probability, plan_flags, resolve_probability
-    from hemexp.sampling.products import baseline_volumes
-    from hemexp.sampling.simulate import PatientInput, load_baseline
-
-    clf = Path(cfg["results_dir"]) / "models" / "classifier" / "classifier.joblib"
 
     def load(pid: str) -> PatientStudy:
-        pdir = Path(cfg["results_dir"]) / "preprocessed" / pid
-        if not (pdir / "summary.json").is_file():
-            raise PatientInputError(pid, pdir / "summary.json", "preprocess summary missing")
-        pre = read_json(pdir / "summary.json")
-        features = {**pre["clinical"], "baseline_ivh_ml": pre["volumes_ml"]["baseline"]["ivh"]}
-        try:
-            p, label = resolve_probability(cfg["sampling"]["flag_source"], oracle=int(pre["expansion"]),
-                                           he_prob=pre.get("he_prob"),
-                                           classifier=lambda: classifier_probability(str(clf), features))
-        except ValueError as err:
-            raise PatientInputError(pid, pdir / "summary.json", str(err)) from err
+        pdir = Layout.of(cfg).preprocessed(pid)
+        pre = read_summary(pid, pdir)
+        plan = flag_plan_for(dict(cfg), pid, pre, cfg["sampling"]["flag_source"], n_samples)
         baseline, affine = load_baseline(PatientInput(pid, pdir, pre["clinical"]))
-        spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+        spacing = affine_spacing_mm(affine)
         sampler = BundleSampler(bundle, baseline, spacing, sampler_settings, cfg["sampling"]["z_margin_mm"],
                                 cfg["sampling"]["mask_threshold"], cfg["preprocess"]["hu_window"])
-        return PatientStudy(pid, sampler, dict(pre["clinical"]), plan_flags(p, n_samples, label).flags,
+        return PatientStudy(pid, sampler, dict(pre["clinical"]), plan.flags,
                             baseline_volumes(baseline, spacing))
 
     return load
@@ -312,15 +297,9 @@ def write_study_products(cfg: Mapping[str, Any], variant: str, result: StudyResu
                          default_scale: float) -> dict[str, Any]:
     """perturbation.{csv,md,json,html}, perturbation_volumes.csv, the Fig. 3 figure and, on the synthetic
     cohort, learned_vs_true.{csv,md,html} and its figure; returns the flat numbers."""
-    from pathlib import Path
 
-    from hemexp.core.files import atomic_path, write_json
-    from hemexp.evaluation.figures import plot_guidance_and_perturbations, plot_learned_vs_true
-    from hemexp.evaluation.run import fmt_floats, write_csv, write_html
-    from hemexp.evaluation.table2 import markdown_table
 
-    results = Path(cfg["results_dir"])
-    out, figures = results / "metrics", results / "figures"
+    out, figures = Layout.of(cfg).metrics_dir, Layout.of(cfg).figures_dir
     effects, separation = study_tables(result.volumes, default_scale)
     tidy = tidy_table(effects, separation, default_scale)
     n_samples = int(result.volumes.groupby(["patient_id", "scenario", "guidance_scale"]).size().max())
@@ -341,7 +320,7 @@ def write_study_products(cfg: Mapping[str, Any], variant: str, result: StudyResu
                [("Single-variable perturbations", effects), ("Guidance sweep", separation)], [note])
     plot_guidance_and_perturbations(separation, effects, figures / "perturbation.png",
                                     title=f"{variant}: clinical guidance ({numbers['n_patients']:.0f} test patients)")
-    truth = results / "raw" / "truth.json"
+    truth = Layout.of(cfg).truth
     if cfg["cohort"]["source"] == "synthetic":
         table = write_learned_vs_true(truth, result.volumes, single, default_scale, out)
         plot_learned_vs_true(table, figures / "learned_vs_true.png",
@@ -352,10 +331,6 @@ def write_study_products(cfg: Mapping[str, Any], variant: str, result: StudyResu
 def write_learned_vs_true(truth_path: Any, volumes: pd.DataFrame, single: Mapping[str, Scenario],
                           default_scale: float, out: Any) -> pd.DataFrame:
     """learned_vs_true.{csv,md,html} against the synthetic cohort's growth law (``truth.json``)."""
-    from hemexp.core.files import atomic_path
-    from hemexp.evaluation.guidance.effects import read_truth
-    from hemexp.evaluation.run import fmt_floats, write_csv, write_html
-    from hemexp.evaluation.table2 import markdown_table
 
     law, clinical = read_truth(truth_path)
     table = learned_vs_true_table(volumes, clinical, single, law, default_scale)
