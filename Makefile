@@ -31,6 +31,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check hemexp tests scripts
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakefmt --check Snakefile rules/
 
 # nnU-Net baselines: a separate venv (its torchvision would break monai/lightning in .venv); the rules
 # also build it on first use.
