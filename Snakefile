@@ -4,10 +4,17 @@
 # (rules/<stage>.smk -> hemexp/<stage>/cli.py), and every path comes from hemexp.core.layout.
 from snakemake.utils import min_version
 
-from hemexp.core.config import validate_config
+from hemexp.core.commands import exit_on_usage_error
+from hemexp.core.config import check_workflow_config_files, validate_config
 from hemexp.workflow.report import build_report
 
 min_version("9.0")
+
+# A bad config or manifest stops the workflow here with one message naming the file and the problem
+# (exit 2), never a Python error location: the config files (a YAML error, a repeated key), then the
+# merged config (schema and cross-key rules), then the cohort (rules/common.smk).
+with exit_on_usage_error("hemexp workflow"):
+    check_workflow_config_files("config/config.yaml", workflow.overwrite_configfiles)
 
 
 configfile: "config/config.yaml"
@@ -16,7 +23,8 @@ configfile: "config/config.yaml"
 report: "report/workflow.rst"
 
 
-validate_config(config, source="workflow config")  # every problem at once, before any job runs
+with exit_on_usage_error("hemexp workflow"):
+    validate_config(config, source="workflow config")  # every problem at once, before any job runs
 
 
 include: "rules/common.smk"

@@ -5,7 +5,8 @@
 # (Snakemake's `params` rerun trigger), and per-rule cluster resources.
 import re
 
-from hemexp.cohort.patients import PATIENT_ID_PATTERN, patients
+from hemexp.cohort.patients import PATIENT_ID_PATTERN, workflow_patients
+from hemexp.core.commands import exit_on_usage_error
 from hemexp.core.config import config_hash, sampled_variants, variants
 from hemexp.core.layout import PREPROCESSED_FILES, Layout, manifest_path, map_files, sample_files
 from hemexp.sampling.flags import flag_source_passes
@@ -14,7 +15,11 @@ from hemexp.workflow.resources import rule_resources
 
 L = Layout.of(config)
 RESULTS = config["results_dir"]
-PATIENTS = {p.patient_id: p for p in patients(config)}
+# The cohort, validated (every bad manifest row at once; no patients or no training patients is an
+# error too) but raw files are not required: a patient whose file is missing fails its own ingest job
+# (and lands in qc/failures.tsv) while the others run; rule validate_manifest lists missing files.
+with exit_on_usage_error("hemexp workflow"):
+    PATIENTS = {p.patient_id: p for p in workflow_patients(config)}
 TRAIN = sorted(pid for pid, p in PATIENTS.items() if p.split == "train")
 TEST = sorted(pid for pid, p in PATIENTS.items() if p.split == "test")
 VARIANTS = list(variants(config))

@@ -5,7 +5,7 @@
 # so editing one row reruns only that patient.
 from hemexp.core.layout import INGEST_FILES
 from hemexp.cohort.manifest import manifest_row_hashes
-from hemexp.preprocess.template import template_paths, template_patients
+from hemexp.preprocess.template import template_info_path, template_paths, template_patients
 
 PATIENT_RE = PATIENT_ID_PATTERN  # a per-ID alternation makes DAG building quadratic in cohort size
 TEMPLATE, TEMPLATE_MASK = (str(p) if p else None for p in template_paths(config))
@@ -14,8 +14,11 @@ SYNTHETIC = config["cohort"]["source"] == "synthetic"
 # Manifest cohorts: patient -> hash of its manifest row (a params rerun trigger for that patient only).
 # The synthetic cohort's manifest is instead an input (rule synth rewrites the whole cohort at once).
 ROW_HASH = {} if SYNTHETIC else manifest_row_hashes(MANIFEST)
+# A manifest cohort's missing raw file is left out: that patient's ingest fails on it (failure record),
+# the others run, instead of the whole DAG failing to build (Patient.raw_files).
 RAW_INPUTS = {
-    pid: sorted(set(p.inputs.values())) + ([MANIFEST] if SYNTHETIC else []) for pid, p in PATIENTS.items()
+    pid: p.raw_files(present_only=not SYNTHETIC) + ([MANIFEST] if SYNTHETIC else [])
+    for pid, p in PATIENTS.items()
 }
 
 
@@ -42,17 +45,21 @@ rule ingest:
 
 
 if not config["preprocess"]["template"]:
+    # Candidates = first template_n_patients + 1 sorted training IDs. The inputs are their raw files, not
+    # their ingest outputs: the job ingests each candidate itself and skips a bad one, so under
+    # --keep-going one bad template patient fails only itself (a job fed by a failed job never runs).
     TEMPLATE_PATIENTS = template_patients(TRAIN, config["preprocess"]["template_n_patients"])
     if not TEMPLATE_PATIENTS:
         raise ValueError("preprocess.template is null but the cohort has no training patients to build one")
 
     rule build_template:
-        """CT template from the first preprocess.template_n_patients training baselines (sorted IDs)."""
+        """CT template from the first preprocess.template_n_patients usable training baselines (sorted IDs)."""
         input:
-            [str(L.ingested(p) / f) for p in TEMPLATE_PATIENTS for f in ("bl_ct.nii.gz", "brain_bl.nii.gz")],
+            sorted({f for p in TEMPLATE_PATIENTS for f in RAW_INPUTS[p]}),
         output:
             template=TEMPLATE,
             mask=TEMPLATE_MASK,
+            info=str(template_info_path(config)),
         log:
             str(L.log("build_template")),
         conda:
@@ -61,6 +68,9 @@ if not config["preprocess"]["template"]:
             **R("build_template"),
         params:
             patients=" ".join(TEMPLATE_PATIENTS),
+            strip=[config["preprocess"]["skullstrip"], config["preprocess"]["brain_volume_ml"]],
+            labels=config["cohort"]["mask_labels"],
+            rows=[ROW_HASH.get(p, "") for p in TEMPLATE_PATIENTS],
             reg=config["preprocess"]["registration_mm"],
             seed=config["seed"],
             config=RESOLVED_CONFIG,

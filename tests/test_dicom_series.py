@@ -190,7 +190,8 @@ def test_selection_picks_thin_axial_series_over_localizer_and_thick_series(tmp_p
     with caplog.at_level(logging.INFO, logger="hemexp.io.dicom"):
         img = load_ct(folder, "P01")
     assert img.shape[2] == 32 and img.extra["ingest"]["series_number"] == 4
-    assert "series 4 'HEAD 2.5mm'" in caplog.text and "most slices" in caplog.text
+    assert "using series 4:" in caplog.text and "most slices" in caplog.text
+    assert "HEAD" not in caplog.text  # SeriesDescription is free text: never logged (docs/deidentification.md)
 
 
 def _bad(folder: Path, **kw) -> None:

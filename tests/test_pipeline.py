@@ -5,6 +5,7 @@ partial output). The cohort is a tiny manifest cohort of posed phantom heads wri
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +16,7 @@ import yaml
 from test_register import _rotation, head_phantom
 
 from hemexp.cli import main
+from hemexp.cohort.manifest import IMAGE_COLUMNS
 from hemexp.core.config import load_config
 from hemexp.io.nifti import make_image
 
@@ -90,6 +92,9 @@ def test_one_patient_end_to_end(cohort):
         assert grid[tp]["iph"] == pytest.approx(native[tp]["iph"], rel=0.15)
     assert native["followup"]["ivh"] > 0 and native["baseline"]["ivh"] == 0
     assert summary["registration"]["brain_dice"] > 0.9
+    identity = summary["identity"]  # the same head: a near-rigid affine, numbers only
+    assert all(isinstance(v, (int, float)) for v in identity.values()), identity
+    assert all(abs(identity[f"scale_{a}"] - 1) < 0.02 for a in "xyz"), identity
     assert summary["grid"]["shape"][:2] == [64, 64] and summary["native_slice_thickness_mm"] == pytest.approx(4.0)
     assert {"ingest", "skullstrip", "rigid", "affine", "resample", "qc"} <= set(summary["timings_s"])
     for name in ("bl_ct", "fu_ct", "bl_iph", "fu_ivh", "brain_bl", "transforms/bl_to_template.mat",
@@ -143,6 +148,11 @@ def _bad_patient(cohort, pid: str, edit) -> tuple[Path, Path]:
     df = pd.read_csv(raw / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
     row = df[df["patient_id"] == "P02"].iloc[0].copy()
     row["patient_id"] = pid
+    for column in IMAGE_COLUMNS:  # own copies: a manifest may not give two patients the same file
+        copy = raw / f"{pid}_copy" / Path(row[column]).name
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(raw / row[column], copy)
+        row[column] = str(copy.relative_to(raw))
     edit(row, raw)
     manifest = raw / f"manifest_{pid}.tsv"
     pd.concat([df, row.to_frame().T]).to_csv(manifest, sep="\t", index=False)
@@ -216,6 +226,28 @@ def test_failed_registration_check_leaves_no_output(cohort, capsys, tmp_path):
     assert not list((results / "preprocessed").glob(".P02*"))
     record = json.loads((results / "qc" / "failures" / "preprocess__P02.json").read_text())
     assert "min_brain_dice" in record["problem"]
+
+
+def _wider_head(row, raw):
+    """Another patient's follow-up: P02's follow-up scan of a head 8 % wider (voxel x spacing stretched)."""
+    for column in ("followup_ct", "followup_iph", "followup_ivh"):
+        img = nib.load(raw / row[column])
+        aff = img.affine.copy()
+        aff[:3, 0] *= 1.08
+        nib.save(make_image(np.asarray(img.dataobj), aff), raw / row[column])
+
+
+def test_another_patients_followup_fails_the_identity_check(cohort, capsys):
+    """A follow-up of a head 8 % wider aligns (brain Dice passes) but needs an affine scale of ~1.08 on x."""
+    cfg_path, results = _bad_patient(cohort, "WIDER", _wider_head)
+    assert _run("ingest", "WIDER", "--config", cfg_path) == 0
+    assert _run("preprocess", "WIDER", "--config", cfg_path) == 1
+    err = capsys.readouterr().err
+    assert "patient WIDER" in err and "followup_ct.nii.gz" in err, err
+    assert "does not look like the same head" in err and "on x (allowed 0.97-1.03" in err, err
+    scale = float(err.split("affine scale ")[1].split()[0])
+    assert 1.06 < scale < 1.10, err
+    assert not (results / "preprocessed" / "WIDER").exists()
 
 
 @pytest.mark.parametrize("content", [None, "{not json", ""])

@@ -16,14 +16,13 @@ import torch
 
 from hemexp.diffusion.ddim import branches, ddim_step, guided_v
 from hemexp.diffusion.model import build_model, save_diffusion, scheduler_config
+from hemexp.sampling.noise import draw, item_generators
 from hemexp.sampling.sampler import (
     ModelBundle,
     SamplerSettings,
     auto_chunk_size,
     context_slices,
-    draw,
     generate_followups,
-    item_generators,
     sample_deltas,
     sampled_slices,
 )
@@ -131,26 +130,28 @@ def write_patient_dir(pdir: Path, baseline: dict[str, np.ndarray], spacing=(3.0,
 # ----------------------------------------------------------------------------- reproducibility
 
 
-def _run(model, chunk, seed=3, eta=0.0, scale=1.0, flags=(1, 0, 1), slices=(4, 5, 6, 7)):
+def _run(model, chunk, seed=3, eta=0.0, scale=1.0, flags=(1, 0, 1), slices=(4, 5, 6, 7), noise="independent"):
     baseline = torch.randn(len(slices), LATENT_C * model.context, 8, 8, generator=torch.Generator().manual_seed(1))
     clinical = torch.rand(7, generator=torch.Generator().manual_seed(2))
-    settings = SamplerSettings(steps=4, eta=eta, guidance_scale=scale, seed=seed, chunk_size=chunk)
-    return sample_deltas(model, SCHED, baseline, clinical, list(flags), settings, slice_ids=list(slices))
+    settings = SamplerSettings(steps=4, eta=eta, guidance_scale=scale, seed=seed, chunk_size=chunk, slice_noise=noise)
+    return sample_deltas(model, SCHED, baseline, clinical, list(flags), settings, slice_ids=list(slices),
+                         slice_spacing_mm=3.0)
 
 
+@pytest.mark.parametrize("noise", ["independent", "shared", "correlated"])
 @pytest.mark.parametrize("eta,scale", [(0.0, 1.0), (0.7, 2.0)])
-def test_same_seed_same_samples_whatever_the_chunk_size(eta, scale):
+def test_same_seed_same_samples_whatever_the_chunk_size(eta, scale, noise):
     model = tiny_diffusion()
-    ref, info = _run(model, chunk=100, eta=eta, scale=scale)
+    ref, info = _run(model, chunk=100, eta=eta, scale=scale, noise=noise)
     assert ref.shape == (3, 4, LATENT_C, 8, 8) and info["unet_calls"] == 4
-    assert torch.equal(_run(model, chunk=100, eta=eta, scale=scale)[0], ref)  # a rerun is bit-identical
+    assert torch.equal(_run(model, chunk=100, eta=eta, scale=scale, noise=noise)[0], ref)  # a rerun is bit-identical
     for chunk in (1, 2, 5):
-        out, info = _run(model, chunk=chunk, eta=eta, scale=scale)
+        out, info = _run(model, chunk=chunk, eta=eta, scale=scale, noise=noise)
         # same noise per item; only the U-Net's batch-size-dependent float kernels (oneDNN/MKL pick
         # different blockings, ~1e-6 per call) can differ across chunk sizes
         assert torch.allclose(out, ref, rtol=0, atol=1e-4), f"chunk {chunk} changed the samples"
     assert info["unet_calls"] == 4 * int(np.ceil(12 / (5 // (2 if scale != 1 else 1))))
-    assert (_run(model, chunk=100, seed=4, eta=eta, scale=scale)[0] - ref).abs().max() > 0.1
+    assert (_run(model, chunk=100, seed=4, eta=eta, scale=scale, noise=noise)[0] - ref).abs().max() > 0.1
 
 
 def test_sample_noise_is_keyed_by_sample_and_slice_not_batch_composition():
@@ -190,7 +191,7 @@ def test_guidance_zero_is_the_null_embedding_model_and_one_the_conditional(scale
     slices = (4, 5)
     baseline = torch.randn(2, LATENT_C, 8, 8, generator=torch.Generator().manual_seed(1))
     clinical = torch.rand(7, generator=torch.Generator().manual_seed(2))
-    settings = SamplerSettings(steps=4, guidance_scale=scale, seed=3, chunk_size=3)
+    settings = SamplerSettings(steps=4, guidance_scale=scale, seed=3, chunk_size=3, slice_noise="independent")
     with torch.no_grad():
         out, info = sample_deltas(model, SCHED, baseline, clinical, [1, 0], settings, slice_ids=list(slices))
         ref = _reference_loop(model, baseline, clinical, [1, 0], 3, slices, drop)

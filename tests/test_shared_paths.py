@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 def test_training_grid_and_sampler_give_identical_deltas_for_the_same_noise(monkeypatch, conditioning, scale):
     """The training sample grid's DDIM (``ddim_sample``) and ``sample_deltas`` (sample / simulate / the
     guidance study) are one loop: the same initial noise gives bit-identical Δz."""
-    import hemexp.sampling.sampler as smp
+    import hemexp.sampling.noise as noise_mod
     from hemexp.diffusion.train import ddim_sample
 
     model, n, seed = tiny_diffusion(conditioning), 3, 5
@@ -34,9 +34,10 @@ def test_training_grid_and_sampler_give_identical_deltas_for_the_same_noise(monk
     grid = ddim_sample(model, SCHED, baseline.repeat(n, 1, 1, 1), clinical, torch.tensor(flags), steps=4,
                        guidance_scale=scale, generator=torch.Generator().manual_seed(seed))
     noise = torch.randn(n, LATENT_C, 8, 8, generator=torch.Generator().manual_seed(seed))  # the grid's draw
-    monkeypatch.setattr(smp, "draw", lambda gens, shape: noise.clone())
+    monkeypatch.setattr(noise_mod, "draw", lambda gens, shape: noise.clone())
     out, _ = sample_deltas(model, SCHED, baseline, clinical, flags,
-                           SamplerSettings(steps=4, guidance_scale=scale, chunk_size=100, precision="32"))
+                           SamplerSettings(steps=4, guidance_scale=scale, chunk_size=100, precision="32",
+                                           slice_noise="independent"))
     assert out.shape == (n, 1, LATENT_C, 8, 8)
     assert torch.equal(out[:, 0], grid)
 
@@ -58,7 +59,7 @@ def test_sample_command_and_guidance_study_encode_the_same_baseline(monkeypatch)
     settings, seen = SamplerSettings(steps=2, chunk_size=4), {}
 
     def fake_deltas(model, sched_cfg, cond, clinical, flags, settings, slice_ids=None, sample_ids=None,
-                    progress=None):
+                    progress=None, slice_spacing_mm=None):
         seen["cond"], seen["zs"] = cond, np.asarray(slice_ids)
         return torch.zeros(len(flags), cond.shape[0], LATENT_C, *cond.shape[-2:]), {"seconds": 0.0}
 

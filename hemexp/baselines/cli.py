@@ -12,7 +12,7 @@ import functools
 import sys
 from collections.abc import Callable
 
-from hemexp.core.commands import add_config_arg, config_from, patient_stage
+from hemexp.core.commands import add_config_arg, config_from, patient_stage, report_failure
 from hemexp.core.layout import Layout
 
 
@@ -86,14 +86,13 @@ def _env(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from hemexp.baselines.nnunet.dataset import export_training, layout
     from hemexp.cohort.patients import patients
-    from hemexp.core.errors import clear_failure, record_failure
+    from hemexp.core.errors import clear_failure
 
     cfg = config_from(args)
     train = [p.patient_id for p in patients(cfg) if p.split == "train"]
     errors = export_training(cfg, train)
     for err in errors:
-        record_failure(cfg["results_dir"], "nnunet-export", err)
-        print(f"hemexp nnunet-export: {err}", file=sys.stderr)
+        report_failure(cfg, "nnunet-export", err)
     if errors:
         return 1
     for pid in train:

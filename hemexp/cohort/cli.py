@@ -42,7 +42,7 @@ def _validate_manifest(args: argparse.Namespace) -> int:
     }
     if args.out:
         write_json(args.out, summary)
-    print(f"{args.manifest}: {len(df)} patients, valid ({summary['per_split']})")
+    print(f"{Path(args.manifest).name}: {len(df)} patients, valid ({summary['per_split']})")  # no folders
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,11 +40,16 @@ SCHEMA_SECTIONS = (
 
 
 class ConfigError(ValueError):
-    """A configuration that does not satisfy the schema; ``errors`` lists every problem found."""
+    """A configuration that cannot be used (unreadable file, bad YAML, schema or cross-key rule);
+    ``errors`` lists every problem found. One problem reads as one line: ``<source>: <problem>``."""
 
     def __init__(self, errors: list[str], source: str = "config"):
         self.errors = errors
-        super().__init__(f"{source}: {len(errors)} problem(s)\n  - " + "\n  - ".join(errors))
+        self.source = source
+        if len(errors) == 1:
+            super().__init__(f"{source}: {errors[0]}")
+        else:
+            super().__init__(f"{source}: {len(errors)} problem(s)\n  - " + "\n  - ".join(errors))
 
 
 def _load_section_schema(name: str) -> dict[str, Any]:
@@ -94,13 +100,32 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def validate_config(cfg: dict[str, Any], source: str = "config") -> None:
     """Raise :class:`ConfigError` listing every schema violation in ``cfg`` (and cross-key rules)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError([_not_a_mapping(cfg)], source)
     validator = jsonschema.Draft202012Validator(config_schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
-    messages = [_describe(e) for e in errors]
+    messages = [_describe(e) for e in errors] + _non_finite(cfg)
     if not messages:
         messages = _cross_checks(cfg)
     if messages:
         raise ConfigError(messages, source)
+
+
+def _not_a_mapping(value: Any) -> str:
+    kind = "a list" if isinstance(value, list) else f"the {type(value).__name__} {value!r}"[:80]
+    return (f"the top level must be a mapping of keys (results_dir: ..., cohort: ..., ...), got {kind}; "
+            "start from config/config.yaml")
+
+
+def _non_finite(node: Any, key: str = "") -> list[str]:
+    """NaN and infinity pass every JSON-schema bound (each comparison is false), so name them here."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return [f"{key or '<top level>'}: {node!r} is not a finite number"]
+    if isinstance(node, dict):
+        return [m for k, v in node.items() for m in _non_finite(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(node, list):
+        return [m for i, v in enumerate(node) for m in _non_finite(v, f"{key}.{i}")]
+    return []
 
 
 def _cross_checks(cfg: dict[str, Any]) -> list[str]:
@@ -110,11 +135,30 @@ def _cross_checks(cfg: dict[str, Any]) -> list[str]:
     DAG, so a rule here fails at start, all problems at once, instead of in a rules file (one at a
     time) or in a command hours into a run. Each message starts with the key to fix.
     """
-    return [*_cohort_rules(cfg["cohort"]), *_variant_rules(cfg), *_evaluation_rules(cfg), *_vae_rules(cfg["vae"])]
+    return [*_cohort_rules(cfg["cohort"]), *_variant_rules(cfg), *_evaluation_rules(cfg), *_vae_rules(cfg["vae"]),
+            *_preprocess_rules(cfg["preprocess"]), *_network_rules(cfg), *_sampling_rules(cfg)]
+
+
+def _ordered(key: str, pair: list[float], strict: bool, unit: str = "") -> list[str]:
+    """``key: [low, high]`` must not be reversed (nor, when ``strict``, of zero width)."""
+    lo, hi = pair
+    if lo > hi or (strict and lo == hi):
+        need = "low < high" if strict else "low <= high"
+        return [f"{key}: range must be [low, high] with {need}, got [{lo:g}, {hi:g}]{unit}"]
+    return []
+
+
+def _duplicates(key: str, values: list[Any]) -> list[str]:
+    seen, twice = set(), []
+    for v in values:
+        if v in seen and v not in twice:
+            twice.append(v)
+        seen.add(v)
+    return [f"{key}: {twice} listed more than once (each value gives one result row; list it once)"] if twice else []
 
 
 def _cohort_rules(cohort: dict[str, Any]) -> list[str]:
-    problems = []
+    problems = _mask_label_rules(cohort)
     if cohort["source"] == "manifest" and not cohort.get("manifest"):
         problems.append("cohort.manifest: required when cohort.source is 'manifest'")
     if cohort["source"] != "synthetic":
@@ -133,6 +177,14 @@ def _cohort_rules(cohort: dict[str, Any]) -> list[str]:
         if lo > hi:
             problems.append(f"cohort.synthetic.{key}: range must be [low, high], got [{lo}, {hi}]")
     return problems
+
+
+def _mask_label_rules(cohort: dict[str, Any]) -> list[str]:
+    labels = cohort["mask_labels"]
+    if labels["iph"] == labels["ivh"]:
+        return [f"cohort.mask_labels: iph and ivh are both {labels['iph']}; a label map needs a different "
+                "value for each (e.g. {iph: 1, ivh: 2})"]
+    return []
 
 
 def _variant_rules(cfg: dict[str, Any]) -> list[str]:
@@ -162,14 +214,20 @@ def _variant_rules(cfg: dict[str, Any]) -> list[str]:
 
 def _evaluation_rules(cfg: dict[str, Any]) -> list[str]:
     ev = cfg["evaluation"]
+    problems = [*_duplicates("evaluation.guidance_scales", ev["guidance_scales"]),
+                *_duplicates("evaluation.interval_levels", ev["interval_levels"])]
     clash = sorted(set(ev.get("scenarios") or {}) & set(ev.get("profiles") or {}))
     if clash:  # both become rows of one perturbation table, keyed by name
-        return [f"evaluation.profiles: {clash} also named in evaluation.scenarios (names must differ)"]
-    return []
+        problems.append(f"evaluation.profiles: {clash} also named in evaluation.scenarios (names must differ)")
+    return problems
+
+
+def _vae_factor(cfg: dict[str, Any]) -> int:
+    return 2 ** (len(cfg["vae"]["channels"]) - 1)  # the VAE halves the slice once per level after the first
 
 
 def _vae_rules(vae: dict[str, Any]) -> list[str]:
-    factor = 2 ** (len(vae["channels"]) - 1)  # the VAE halves the slice once per level after the first
+    factor = _vae_factor({"vae": vae})
     bad = [int(size) for size, _ in vae["resolutions"] if int(size) % factor]
     if bad:
         return [f"vae.resolutions: sizes {bad} are not divisible by the latent factor {factor} "
@@ -177,23 +235,154 @@ def _vae_rules(vae: dict[str, Any]) -> list[str]:
     return []
 
 
+def _preprocess_rules(pre: dict[str, Any]) -> list[str]:
+    problems = [*_ordered("preprocess.brain_volume_ml", pre["brain_volume_ml"], strict=True, unit=" mL"),
+                *_ordered("preprocess.hu_window", pre["hu_window"], strict=True, unit=" HU")]
+    if pre["template_mask"] and not pre["template"]:
+        problems.append("preprocess.template_mask: set, but preprocess.template is null (the mask belongs to a "
+                        "given template; set both, or neither to build one)")
+    return problems
+
+
+def _network_rules(cfg: dict[str, Any]) -> list[str]:
+    """Shapes the VAE and the diffusion U-Net (MONAI) cannot build or cannot run on the model grid."""
+    problems = []
+    vae, unet = cfg["vae"], cfg["diffusion"]["unet"]
+    for key, net in (("vae", vae), ("diffusion.unet", unet)):
+        groups = net["norm_num_groups"]
+        bad = [c for c in net["channels"] if c % groups]
+        if bad:
+            problems.append(f"{key}.channels: {bad} not divisible by {key}.norm_num_groups = {groups} (GroupNorm "
+                            "splits every channel count into that many groups)")
+    if len(unet["attention_levels"]) != len(unet["channels"]):
+        problems.append(f"diffusion.unet.attention_levels: {len(unet['attention_levels'])} entries, but "
+                        f"diffusion.unet.channels has {len(unet['channels'])} levels (one flag per level)")
+    else:
+        heads = unet["num_head_channels"]
+        attended = [c for c, a in zip(unet["channels"], unet["attention_levels"], strict=True) if a]
+        bad = sorted({c for c in [*attended, unet["channels"][-1]] if c % heads})  # the middle block attends too
+        if bad:
+            problems.append(f"diffusion.unet.num_head_channels: {heads} does not divide the attention channel "
+                            f"count(s) {bad} (attention levels and the last level, which the middle block uses)")
+    crop = [int(c) for c in cfg["preprocess"]["crop"]]
+    factor = _vae_factor(cfg)
+    if any(c % factor for c in crop):
+        problems.append(f"preprocess.crop: {crop} is not divisible by the VAE's latent factor {factor} "
+                        f"(2 ** (len(vae.channels) - 1)); use multiples of {factor}")
+    else:
+        latent = [c // factor for c in crop]
+        unet_factor = 2 ** (len(unet["channels"]) - 1)
+        if any(n % unet_factor for n in latent):
+            problems.append(f"preprocess.crop: {crop} gives latents of {latent} pixels, not divisible by the "
+                            f"diffusion U-Net's factor {unet_factor} (2 ** (len(diffusion.unet.channels) - 1)); "
+                            f"use multiples of {factor * unet_factor}")
+    return problems
+
+
+def _sampling_rules(cfg: dict[str, Any]) -> list[str]:
+    problems = _duplicates("sampling.variants", cfg["sampling"]["variants"] or [])
+    steps, timesteps = cfg["sampling"]["ddim_steps"], cfg["diffusion"]["timesteps"]
+    if steps > timesteps:
+        problems.append(f"sampling.ddim_steps: {steps} exceeds diffusion.timesteps = {timesteps} (DDIM skips "
+                        "through the training schedule; use at most that many steps)")
+    return problems
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read YAML, apply dotted-key ``overrides`` and validate; the returned dict is the resolved config."""
+    """Read YAML, apply dotted-key ``overrides`` and validate; the returned dict is the resolved config.
+
+    Every way this can fail (a missing or unreadable file, a YAML syntax error, a repeated key, a top
+    level that is not a mapping, a schema or cross-key rule) raises :class:`ConfigError`.
+    """
     path = Path(path) if path else DEFAULT_CONFIG
-    with open(path) as fh:
-        cfg = yaml.safe_load(fh) or {}
+    cfg = read_config_file(path)
     for dotted, value in (overrides or {}).items():
-        set_dotted(cfg, dotted, value)
+        try:
+            set_dotted(cfg, dotted, value)
+        except TypeError as err:
+            raise ConfigError([f"{dotted}: {err}"], source=str(path)) from None
     validate_config(cfg, source=str(path))
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key repeated in one mapping (PyYAML silently keeps the last:
+    a second ``vae:`` section would replace the first without a word)."""
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise _DuplicateKeyError(
+                None, None, f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}; YAML would "
+                            "keep only the last): remove one", key_node.start_mark)
+        if isinstance(key, (str, int, float, bool)):
+            seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """One YAML config file as a dict, or :class:`ConfigError` in one line naming the file and, for
+    syntax errors, the line and column."""
+    path = Path(path)
+    source = str(path)
+    if path.is_dir():
+        raise ConfigError(["is a folder, not a YAML file"], source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(["file not found (give an existing YAML file; the default is config/config.yaml "
+                           "of the repository)"], source) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"not UTF-8 text (byte {err.start}); save the config as UTF-8 YAML"], source) from None
+    except OSError as err:
+        raise ConfigError([f"cannot read: {err.strerror or err}"], source) from None
+    try:
+        cfg = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(p) for p in (err.context, err.problem) if p)
+        fix = "" if isinstance(err, _DuplicateKeyError) else " (fix the YAML syntax there)"
+        raise ConfigError([f"YAML error at {where}{what}{fix}"], source) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"YAML error: {' '.join(str(err).split())}"], source) from None
+    if cfg is None:
+        raise ConfigError(["the file is empty; start from config/config.yaml"], source)
+    if not isinstance(cfg, dict):
+        raise ConfigError([_not_a_mapping(cfg)], source)
+    return cfg
+
+
+def check_workflow_config_files(default: str | Path, given: list[str] | tuple[str, ...] = ()) -> None:
+    """At workflow start, before Snakemake reads them: the Snakefile's ``configfile`` (``default``,
+    optional when ``--configfile`` files are ``given``) and each given file, with
+    :func:`read_config_file` (Snakemake's own reader keeps the last of a repeated key silently)."""
+    paths = [Path(default)] if Path(default).exists() or not given else []
+    for path in [*paths, *map(Path, given)]:
+        read_config_file(path)
 
 
 def set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested dict, creating intermediate dicts (for ``--set`` style overrides)."""
     node = cfg
     *parents, leaf = dotted.split(".")
-    for key in parents:
+    for i, key in enumerate(parents):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise TypeError(f"{'.'.join(parents[: i + 1])} is {node!r}, not a mapping of keys")
     node[leaf] = value
 
 

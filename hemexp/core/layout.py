@@ -193,6 +193,11 @@ class Layout:
         return self.root / "qc" / "failures.tsv"
 
     @property
+    def failures_rst(self) -> Path:
+        """The failure table as reStructuredText, included by the HTML report (``report/workflow.rst``)."""
+        return self.root / "qc" / "failures.rst"
+
+    @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow" / "mlflow.db"
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from hemexp.core.clinical import CLINICAL_NAMES, clinical_vector
-from hemexp.core.errors import PatientInputError
+from hemexp.core.errors import PatientInputError, reading_product
 from hemexp.core.files import atomic_path, write_json
 from hemexp.io.shards import read_shard
 from hemexp.vae.data import patient_dataset
@@ -158,9 +158,11 @@ def save_latents(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_latents(path: str | Path) -> PatientLatents:
-    """Read a cache written by :func:`save_latents`."""
-    with np.load(path, allow_pickle=False) as data:
-        d = {k: data[k] for k in ARRAY_KEYS}
+    """Read a cache written by :func:`save_latents`; a truncated or corrupt cache -> one line naming the
+    patient, the file and the stage to rerun (``encode``)."""
+    with reading_product(path, "encode", Path(path).stem, what="latent cache"):
+        with np.load(path, allow_pickle=False) as data:
+            d = {k: data[k] for k in ARRAY_KEYS}
     return PatientLatents(
         patient_id=str(d["patient_id"]), split=str(d["split"]), site=str(d["site"]),
         z_bl=d["z_bl"], z_fu=d["z_fu"], z_bl_flip=d["z_bl_flip"], z_fu_flip=d["z_fu_flip"],

@@ -33,6 +33,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from hemexp.core.clinical import CLINICAL_NAMES
+from hemexp.core.errors import reading_product
 from hemexp.core.files import atomic_path
 from hemexp.diffusion.conditioning import ConditionEmbedding, pack_condition, uses_clinical, uses_flag
 
@@ -208,7 +209,8 @@ def save_diffusion(path: str | Path, model: ConditionalLatentUNet, config: dict[
 def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu"
                    ) -> tuple[ConditionalLatentUNet, dict[str, Any], dict[str, Any]]:
     """Load ``model.pt`` -> (model in eval mode with EMA weights, variant info, scheduler config)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    with reading_product(path, "train-diffusion", what="diffusion model"):
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     if payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a HemExp diffusion model (format {payload.get('format')!r})")
     model = build_model(payload["model_config"])

@@ -31,6 +31,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from torch.utils.data import Sampler
 
+from hemexp.core.errors import ProductError
+
 log = logging.getLogger(__name__)
 
 LAST_CKPT = "last.ckpt"
@@ -171,7 +173,17 @@ def resume_checkpoint(run_dir: str | Path, fingerprint: str, resume: bool | None
         return None
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    found = checkpoint_fingerprint(path)
+    try:
+        found = checkpoint_fingerprint(path)
+    except Exception as err:  # noqa: BLE001 - truncated by a kill during its write, or otherwise damaged
+        corrupt = path.with_name("last.corrupt.ckpt")
+        path.replace(corrupt)
+        log.warning("%s is unreadable (%s: %s); moved to %s and starting afresh", path, type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "", corrupt)
+        if resume:
+            raise ProductError(corrupt, "checkpoint truncated or corrupt; rerun without --resume to start "
+                               "afresh") from err
+        return None
     if found == fingerprint:
         log.info("resuming from %s", path)
         return path

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from hemexp.core.commands import add_config_arg, config_from
+from hemexp.core.commands import add_config_arg, config_from, report_failure
 from hemexp.core.layout import Layout
 
 
@@ -41,7 +41,7 @@ def _test_patients(cfg: dict[str, Any], given: list[str] | None) -> list[str]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from hemexp.core.errors import PatientInputError, record_failure
+    from hemexp.core.errors import PatientInputError
     from hemexp.evaluation.run import run_evaluation
 
     cfg = config_from(args)
@@ -53,8 +53,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         summary = run_evaluation(cfg, ids, log_mlflow=not args.no_mlflow)
     except PatientInputError as err:
-        record_failure(cfg["results_dir"], "evaluate", err)
-        print(f"hemexp evaluate: {err}", file=sys.stderr)
+        report_failure(cfg, "evaluate", err)
         return 1
     print(f"evaluated {summary['n_patients']} test patients, methods {summary['methods']} "
           f"({time.perf_counter() - t0:.1f} s); MLflow runs updated: {summary['mlflow_logged'] or 'none'}")
@@ -63,7 +62,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _perturb(args: argparse.Namespace) -> int:
     from hemexp.core.config import variants
-    from hemexp.core.errors import PatientInputError, record_failure
+    from hemexp.core.errors import PatientInputError
 
     cfg = config_from(args)
     variant = args.variant or cfg["evaluation"]["perturbation_variant"]
@@ -82,8 +81,7 @@ def _perturb(args: argparse.Namespace) -> int:
     try:
         numbers = _run_perturb(cfg, variant, ids, args.device, not args.no_mlflow)
     except PatientInputError as err:
-        record_failure(cfg["results_dir"], "perturb", err)
-        print(f"hemexp perturb: {err}", file=sys.stderr)
+        report_failure(cfg, "perturb", err)
         return 1
     sep = {k: round(v, 2) for k, v in numbers.items() if k.endswith("separation_mean")}
     print(f"{variant}: perturbation study of {len(ids)} patients in {numbers['runtime_s']:.1f} s "

@@ -12,19 +12,33 @@ SeriesInstanceUID with one orientation, matrix and pixel spacing):
 1. usable: Modality CT, SOP class CT Image Storage, ImageType without LOCALIZER/SCOUT, single-frame,
    geometry tags present, image normal within ``MAX_AXIAL_DEG`` of the scanner z axis (so gantry
    tilts up to that angle pass), at least ``MIN_SLICES`` slices;
-2. among usable stacks: most slices, then smallest slice spacing (the thinnest reconstruction),
-   then lowest series number. The reconstruction kernel is deliberately not a criterion.
+2. among usable stacks: the soft-tissue reconstruction first (:func:`kernel_class`: ConvolutionKernel,
+   then ImageType and SeriesDescription hints; a bone/lung/sharp kernel is ranked last, an unknown
+   kernel in between), then most slices, then smallest slice spacing (the thinnest reconstruction),
+   then lowest series number. The reason is returned as a fixed phrase (never the free-text
+   description), e.g. "soft-tissue kernel preferred over 1 bone-kernel series".
+3. a folder whose usable stacks belong to two patients (PatientID differs; compared in memory, never
+   stored), or two usable series that tie on every criterion, is refused: "two series" in one folder
+   is a copy mistake, and picking one would only surface later as a mask-grid mismatch.
 
-De-identification: only the fields of :class:`SeriesInfo` (series number/description, modality,
-geometry, kernel) leave this module; personal attributes (names, dates, IDs, institution) are never
-read into any returned object or log line. Headers for selection are read with
-``specific_tags`` so personal attributes are not even parsed until the pixel read.
+Slice checks (:func:`read_stack`): a slice whose pixels are far from both neighbours where those agree
+(garbage: constant or random data) is replaced by interpolation between its neighbours, at a stack
+end refused; a slice of the chosen series with another matrix, pixel spacing or orientation is
+dropped and its place interpolated (the regular grid is kept). Both are recorded in ``warnings``.
+
+De-identification (``docs/deidentification.md``): only the fields of :class:`SeriesInfo` (series
+number, modality as a defined term, geometry, kernel as a vendor code or "other") leave this module;
+personal attributes (names, dates, IDs, institution) and free text (SeriesDescription) are never put
+into any returned object, message or log line. Headers for selection are read with ``specific_tags``
+(:data:`HEADER_TAGS`, within :data:`hemexp.core.deid.DICOM_READ_ATTRIBUTES`) so other attributes are
+not even parsed until the pixel read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,6 +48,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
+from hemexp.core.deid import kernel_code, modality_term, standard_uid
 from hemexp.core.errors import PatientInputError
 
 log = logging.getLogger(__name__)
@@ -49,8 +64,24 @@ GAP_WARN, GAP_MAX = 1.5, 4.0  # gap / median spacing: warn above the first, refu
 HEADER_TAGS = [
     "SOPClassUID", "Modality", "ImageType", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
     "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
-    "SliceThickness", "ConvolutionKernel", "InstanceNumber", "NumberOfFrames",
+    "SliceThickness", "ConvolutionKernel", "InstanceNumber", "NumberOfFrames", "PatientID",
 ]
+# Garbage-slice test (see _garbage_slices): where both neighbours agree within AGREE_HU, a slice
+# deviating by more than DEVIATE_HU on more than GARBAGE_FRACTION of those pixels is not anatomy.
+AGREE_HU, DEVIATE_HU, GARBAGE_FRACTION = 100.0, 300.0, 0.10
+MIN_AGREE = 0.5  # neighbours must agree on at least this share of the pixels for a verdict
+MAX_REPAIRED_SLICES = 2
+
+# Reconstruction-kernel classes (ConvolutionKernel values, upper-cased): soft-tissue kernels are
+# what hemorrhage is read (and segmented) on; bone/lung/sharp kernels amplify noise.
+KERNEL_RANK = {"soft": 0, "unknown": 1, "bone": 2, "lung": 2, "sharp": 2}
+_SOFT_WORDS = ("STANDARD", "STND", "STD", "SOFT", "BRAIN", "SMOOTH", "CEREBRUM", "NEURO", "PARENCHYMA")
+_BONE_WORDS = ("BONE", "EDGE", "DETAIL", "SHARP", "OSSEOUS")
+_LUNG_WORDS = ("LUNG", "CHEST", "PULM")
+_SHORT_CODES = {"UA": "soft", "UB": "soft", "UC": "soft", "D": "bone", "E": "bone", "YC": "bone", "YD": "bone",
+                "YE": "bone", "L": "lung"}  # Philips
+_SIEMENS_KERNEL = re.compile(r"^([A-Z])([A-Z]?)(\d{2})([A-Z]?)$")  # H30s, Hr38, Br64, J40s, Qr40 (upper-cased)
+_CANON_KERNEL = re.compile(r"^FC(\d{2})$")  # Canon/Toshiba FC21, FC26 (brain), FC30+ (bone)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +89,6 @@ class SeriesInfo:
     """The only description of a series that may leave this module (no personal attributes)."""
 
     series_number: int | None
-    series_description: str
     modality: str
     n_slices: int
     rows: int
@@ -89,6 +119,9 @@ class DicomStack:
     files: list[Path]
     positions: list[np.ndarray | None]
     info_fields: dict
+    # Salted in-process hash of PatientID (None when absent): only compared, to tell two patients'
+    # series apart; never stored, returned or logged.
+    subject: int | None = None
 
     @property
     def normal(self) -> np.ndarray:
@@ -118,12 +151,59 @@ class DicomStack:
                     cos = abs(d @ self.normal) / np.linalg.norm(d)
                     tilt = float(np.degrees(np.arccos(min(1.0, cos))))
         return SeriesInfo(
-            series_number=f["number"], series_description=f["description"], modality=f["modality"],
+            series_number=f["number"], modality=modality_term(f["modality"]),
             n_slices=len(self.files), rows=f["rows"], columns=f["columns"],
             pixel_spacing_mm=self.pixel_spacing, slice_spacing_mm=spacing, spacing_uniform=uniform,
             tilt_deg=round(tilt, 3), axial_deg=None if axial is None else round(axial, 3),
-            slice_thickness_mm=f["thickness"], kernel=f["kernel"], localizer=_is_localizer(self.image_type),
+            slice_thickness_mm=f["thickness"], kernel=kernel_code(f["kernel"]), localizer=_is_localizer(self.image_type),
         )
+
+
+def _words_class(text: str) -> str:
+    words = [w for w in re.split(r"[^A-Z0-9]+", text.upper()) if w]
+    for cls, vocab in (("lung", _LUNG_WORDS), ("bone", _BONE_WORDS), ("soft", _SOFT_WORDS)):
+        if any(w.startswith(v) for w in words for v in vocab):
+            return cls
+    return "unknown"
+
+
+def kernel_class(kernel: str, image_type: tuple[str, ...] = (), description: str = "") -> str:
+    """'soft', 'bone', 'lung', 'sharp' or 'unknown' for a reconstruction.
+
+    ConvolutionKernel decides when it is recognised: GE words (STANDARD/SOFT vs BONE/BONEPLUS/LUNG/
+    EDGE/DETAIL), Siemens codes (H30s/Hr38/J40s: number <= 45 soft; H70h/Br64: >= 60 sharp, 'l' as
+    second letter lung), Canon FC2x soft / FC3x+ bone, Philips UA/UB/UC soft, D/E/YC/YD bone, L lung.
+    Otherwise ImageType, then SeriesDescription words are hints (the description is only read here,
+    never stored). Only the class name leaves this function.
+    """
+    for value in re.split(r"[\\/,]+", kernel.upper()):
+        value = value.strip()
+        if not value:
+            continue
+        if value in _SHORT_CODES:
+            return _SHORT_CODES[value]
+        m = _CANON_KERNEL.match(value)
+        if m:
+            return "soft" if int(m.group(1)) < 30 else "bone"
+        m = _SIEMENS_KERNEL.match(value)
+        if m:
+            if m.group(2) == "L":
+                return "lung"
+            number = int(m.group(3))
+            return "soft" if number <= 45 else "sharp" if number >= 60 else "unknown"
+        cls = _words_class(value)
+        if cls != "unknown":
+            return cls
+    for text in (" ".join(image_type[2:]), description):  # ImageType values 3+ are vendor-specific hints
+        cls = _words_class(text)
+        if cls != "unknown":
+            return cls
+    return "unknown"
+
+
+def _kernel_of(stack: DicomStack) -> str:
+    f = stack.info_fields
+    return kernel_class(f["kernel"], stack.image_type, f["description"])
 
 
 def _is_localizer(image_type: tuple[str, ...]) -> bool:
@@ -159,6 +239,14 @@ def _read_header(path: Path, patient_id: str) -> pydicom.Dataset | None:
     raise PatientInputError(patient_id, path, "truncated or corrupt DICOM file (header ends before SOPClassUID)")
 
 
+_MIXED_SUBJECTS = -1
+
+
+def _subject(ds: pydicom.Dataset) -> int | None:
+    value = str(ds.get("PatientID", "") or "").strip()
+    return hash(("hemexp-subject", value)) if value else None
+
+
 def scan_folder(folder: str | Path, patient_id: str) -> list[DicomStack]:
     """Group every DICOM image under ``folder`` (recursively) into stacks."""
     folder = Path(folder)
@@ -189,7 +277,10 @@ def scan_folder(folder: str | Path, patient_id: str) -> list[DicomStack]:
                     "thickness": _float_or_none(ds.get("SliceThickness")),
                     "kernel": "\\".join(str(v) for v in np.atleast_1d(ds.get("ConvolutionKernel", ""))),
                 },
+                subject=_subject(ds),
             )
+        elif groups[key].subject != _subject(ds):
+            groups[key].subject = _MIXED_SUBJECTS
         ipp = _floats(ds.get("ImagePositionPatient"), 3)
         groups[key].files.append(path)
         groups[key].positions.append(None if ipp is None else np.array(ipp))
@@ -200,9 +291,9 @@ def rejection(stack: DicomStack) -> str | None:
     """Why a stack cannot be the CT volume, or None when it is usable."""
     info = stack.info_fields
     if info["modality"].upper() != "CT":
-        return f"modality {info['modality'] or 'missing'}, not CT"
+        return f"modality {modality_term(info['modality']) or 'missing'}, not CT"
     if stack.sop_class != CT_IMAGE_STORAGE:
-        return f"SOP class {stack.sop_class} is not CT Image Storage (secondary capture, report or enhanced CT)"
+        return f"SOP class {standard_uid(stack.sop_class)} is not CT Image Storage (secondary capture, report or enhanced CT)"
     if _is_localizer(stack.image_type):
         return "localizer (scout) image"
     if stack.multiframe:
@@ -218,7 +309,7 @@ def rejection(stack: DicomStack) -> str | None:
 
 
 def _label(info: SeriesInfo) -> str:
-    return f"series {info.series_number} '{info.series_description}'"
+    return f"series {info.series_number}"  # never the free-text SeriesDescription (docs/deidentification.md)
 
 
 def series_info(folder: str | Path, patient_id: str) -> list[dict]:
@@ -229,16 +320,45 @@ def series_info(folder: str | Path, patient_id: str) -> list[dict]:
     return [{**s.info().to_dict(), "rejected": rejection(s), "chosen": s is chosen} for s in stacks]
 
 
+def _rank(s: DicomStack) -> tuple:
+    info = s.info()
+    return (KERNEL_RANK[_kernel_of(s)], -info.n_slices, round(info.slice_spacing_mm, 3),
+            info.series_number if info.series_number is not None else 1 << 30)
+
+
 def _best(stacks: list[DicomStack]) -> DicomStack | None:
     usable = [s for s in stacks if rejection(s) is None]
-    if not usable:
-        return None
+    return min(usable, key=_rank) if usable else None
 
-    def rank(s: DicomStack) -> tuple:
-        info = s.info()
-        return (-info.n_slices, info.slice_spacing_mm, info.series_number if info.series_number is not None else 1 << 30)
 
-    return min(usable, key=rank)
+def _grid_label(s: DicomStack) -> str:
+    """Series number and grid of a stack (no free text), for messages about mixed folders."""
+    f = s.info_fields
+    return f"series {f['number']} ({f['columns']}x{f['rows']}x{len(s.files)}, {_kernel_of(s)} kernel)"
+
+
+def usable_series(stacks: list[DicomStack]) -> list[dict]:
+    """Safe summary of every usable stack (series number, kernel class, grid as (columns, rows,
+    slices) before canonicalisation): what a mask-grid mismatch message compares against."""
+    return [{"series_number": s.info_fields["number"], "kernel_class": _kernel_of(s),
+             "grid": [s.info_fields["columns"], s.info_fields["rows"], len(s.files)]}
+            for s in sorted((s for s in stacks if rejection(s) is None), key=_rank)]
+
+
+def _mixed_folder_problem(stacks: list[DicomStack], chosen: DicomStack) -> str | None:
+    """Two patients, or two equally good series, in one folder (see the module docstring, rule 3)."""
+    usable = [s for s in stacks if rejection(s) is None]
+    subjects = {s.subject for s in usable if s.subject is not None}
+    if _MIXED_SUBJECTS in subjects or len(subjects) > 1:
+        n = len(subjects - {_MIXED_SUBJECTS}) or 2
+        return (f"two series of different patients in one folder ({n} distinct PatientIDs among "
+                f"{', '.join(_grid_label(s) for s in usable)}): keep one patient's scan per folder")
+    ties = [s for s in usable if s is not chosen and s.uid != chosen.uid and _rank(s)[:3] == _rank(chosen)[:3]]
+    if ties:
+        return (f"two series in one folder that fit equally well ({_grid_label(chosen)} and "
+                f"{', '.join(_grid_label(s) for s in ties)}: same kernel type, slice count and spacing), so the "
+                "one the masks were drawn on cannot be told: keep one series per folder")
+    return None
 
 
 def select_series(stacks: list[DicomStack], folder: Path, patient_id: str) -> tuple[DicomStack, str]:
@@ -247,7 +367,7 @@ def select_series(stacks: list[DicomStack], folder: Path, patient_id: str) -> tu
         raise PatientInputError(patient_id, folder, "no DICOM image files found in folder")
     chosen = _best(stacks)
     if chosen is None:
-        modalities = {s.info_fields["modality"].upper() for s in stacks}
+        modalities = {modality_term(s.info_fields["modality"]) for s in stacks}
         if "CT" not in modalities:
             raise PatientInputError(patient_id, folder, f"non-CT modality ({', '.join(sorted(modalities))}); a CT series is required")
         ct = [s for s in stacks if s.info_fields["modality"].upper() == "CT"]
@@ -255,10 +375,23 @@ def select_series(stacks: list[DicomStack], folder: Path, patient_id: str) -> tu
             raise PatientInputError(patient_id, folder, "folder holds only localizer (scout) images, no axial CT series")
         reasons = "; ".join(f"{_label(s.info())}: {rejection(s)}" for s in stacks)
         raise PatientInputError(patient_id, folder, f"no usable axial CT series ({reasons})")
+    mixed = _mixed_folder_problem(stacks, chosen)
+    if mixed:
+        raise PatientInputError(patient_id, folder, mixed)
     info = chosen.info()
     others = len(stacks) - 1
     reason = (f"{info.n_slices} axial CT slices at {info.slice_spacing_mm:.2f} mm"
-              f" (most slices, then thinnest, among {others + 1} stack(s); {others} not chosen)")
+              f" (soft-tissue kernel first, then most slices, then thinnest, among {others + 1} stack(s); "
+              f"{others} not chosen)")
+    mine = KERNEL_RANK[_kernel_of(chosen)]
+    worse: dict[str, int] = defaultdict(int)
+    for s in stacks:
+        if s is not chosen and rejection(s) is None and KERNEL_RANK[_kernel_of(s)] > mine:
+            worse[_kernel_of(s)] += 1
+    if worse:
+        cls = "soft-tissue" if _kernel_of(chosen) == "soft" else f"{_kernel_of(chosen)}"
+        reason += (f"; {cls} kernel preferred over "
+                   + ", ".join(f"{n} {k}-kernel series" for k, n in sorted(worse.items())))
     return chosen, reason
 
 
@@ -332,6 +465,63 @@ def _regular_grid(slices: np.ndarray, t: np.ndarray, uv: np.ndarray) -> tuple[np
     return (1 - w) * slices[k] + w * slices[k + 1], median, origin, warnings
 
 
+def _garbage_fraction(s: np.ndarray, a: np.ndarray, b: np.ndarray, expected: np.ndarray) -> float:
+    """Share of the pixels where ``a`` and ``b`` agree on which ``s`` is far from ``expected``."""
+    agree = np.abs(a - b) <= AGREE_HU
+    n = int(agree.sum())
+    if n < MIN_AGREE * agree.size:  # the neighbours themselves differ (noise, not a smooth stack): no verdict
+        return 0.0
+    return float(np.count_nonzero(agree & (np.abs(s - expected) > DEVIATE_HU))) / n
+
+
+def garbage_slices(slices: np.ndarray) -> list[tuple[int, float]]:
+    """(index, fraction) of slices whose pixel data cannot be anatomy: where both neighbours agree
+    (within ``AGREE_HU``, on at least ``MIN_AGREE`` of the slice), more than ``GARBAGE_FRACTION`` of the pixels deviate from their mean by more
+    than ``DEVIATE_HU`` (a constant or random slice between two similar ones). A stack end is tested
+    against the next two slices with a three times stricter fraction (anatomy changes fastest there)."""
+    n = len(slices)
+    if n < 4:
+        return []
+    out = []
+    for k in range(n):
+        if 0 < k < n - 1:
+            # the two neighbours, or one step further on either side (two adjacent broken slices)
+            pairs = [(i, j) for i, j in ((k - 1, k + 1), (k - 1, k + 2), (k - 2, k + 1)) if i >= 0 and j < n]
+            limit = GARBAGE_FRACTION
+            frac = max(_garbage_fraction(slices[k], slices[i], slices[j],
+                                         slices[i] + (slices[j] - slices[i]) * ((k - i) / (j - i))) for i, j in pairs)
+        else:
+            a, b = (slices[1], slices[2]) if k == 0 else (slices[-2], slices[-3])
+            limit = 3 * GARBAGE_FRACTION
+            frac = _garbage_fraction(slices[k], a, b, a)
+        if frac > limit:
+            out.append((k, frac))
+    return out
+
+
+def _repair_garbage(slices: np.ndarray, t: np.ndarray, label: str, patient_id: str, folder: Path,
+                    files: list[Path]) -> list[str]:
+    """Replace isolated garbage interior slices (in place) by interpolation; refuse the rest."""
+    bad = garbage_slices(slices)
+    if not bad:
+        return []
+    n = len(slices)
+    idx = [k for k, _ in bad]
+    desc = ", ".join(f"slice {k + 1} of {n} ({files[k].name}: {100 * f:.0f} % of pixels far from both neighbours)"
+                     for k, f in bad)
+    if len(bad) > MAX_REPAIRED_SLICES or any(b - a == 1 for a, b in zip(idx, idx[1:], strict=False)):
+        raise PatientInputError(patient_id, folder, f"{label}: {len(bad)} slices with implausible pixel data "
+                                f"(garbage, not anatomy): {desc}; too many or adjacent to repair: re-export the series")
+    if idx[0] == 0 or idx[-1] == n - 1:
+        raise PatientInputError(patient_id, folder, f"{label}: implausible pixel data at the end of the stack: {desc}; "
+                                "an end slice cannot be interpolated: re-export the series")
+    for k in idx:
+        w = np.float32((t[k] - t[k - 1]) / (t[k + 1] - t[k - 1]))
+        slices[k] = (1 - w) * slices[k - 1] + w * slices[k + 1]
+    return [f"{len(bad)} slice(s) with implausible pixel data (garbage, not anatomy) replaced by interpolation "
+            f"from their neighbours: {desc}"]
+
+
 def read_stack(stack: DicomStack, patient_id: str, folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(float32 HU array indexed (column, row, slice), 4x4 RAS affine, warnings) for one stack."""
     order, t = stack.sorted_offsets()
@@ -340,12 +530,15 @@ def read_stack(stack: DicomStack, patient_id: str, folder: Path) -> tuple[np.nda
     row_dir, col_dir, normal = stack.orientation[:3], stack.orientation[3:], stack.normal
     d_row, d_col = stack.pixel_spacing  # distance between rows (along col_dir), between columns
     slices = np.stack([_read_pixels(f, stack, patient_id) for f in files])
+    label = f"series {stack.info_fields['number']}"
+    repaired = _repair_garbage(slices, t, label, patient_id, folder, files)
     off = pos - pos[0]
     uv = np.stack([off @ row_dir / d_col, off @ col_dir / d_row], axis=1)
     try:
         slices, d_slice, origin, warnings = _regular_grid(slices, t, uv)
     except ValueError as err:
-        raise PatientInputError(patient_id, folder, f"{_label(stack.info())}: {err}") from err
+        raise PatientInputError(patient_id, folder, f"{label}: {err}") from err
+    warnings = repaired + warnings
     lps = np.eye(4)
     lps[:3, 0] = row_dir * d_col
     lps[:3, 1] = col_dir * d_row
@@ -359,7 +552,7 @@ def load_dicom_folder(folder: str | Path, patient_id: str) -> tuple[np.ndarray, 
     """Pick the axial CT series in ``folder`` and return (HU array, RAS affine, safe info dict).
 
     The info dict holds the chosen series' :class:`SeriesInfo`, ``selection_reason``,
-    ``n_stacks_in_folder`` and ``warnings``; the choice is logged with series number/description only.
+    ``n_stacks_in_folder`` and ``warnings``; the choice is logged with the series number only.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -368,13 +561,22 @@ def load_dicom_folder(folder: str | Path, patient_id: str) -> tuple[np.ndarray, 
     stack, reason = select_series(stacks, folder, patient_id)
     info = stack.info()
     data, affine, warnings = read_stack(stack, patient_id, folder)
+    odd = [s for s in stacks if s is not stack and s.uid and s.uid == stack.uid and len(s.files) < MIN_SLICES]
+    if odd:  # slices of this series on another matrix/spacing/orientation: left out, their place interpolated
+        n_odd = sum(len(s.files) for s in odd)
+        warnings.insert(0, f"{n_odd} slice(s) of this series with a different matrix, pixel spacing or orientation "
+                        f"({', '.join(f.name for s in odd for f in s.files)}) dropped; the stack's regular grid is "
+                        "kept and any gap filled by interpolation")
     log.info("patient %s: using %s: %s", patient_id, _label(info), reason)
     for w in warnings:
         log.info("patient %s: %s: %s", patient_id, _label(info), w)
-    out = {**info.to_dict(), "selection_reason": reason, "n_stacks_in_folder": len(stacks), "warnings": warnings}
+    out = {**info.to_dict(), "selection_reason": reason, "kernel_class": _kernel_of(stack),
+           "n_stacks_in_folder": len(stacks), "usable_series": usable_series(stacks), "warnings": warnings}
     by_reason: dict[str, int] = defaultdict(int)
     for s in stacks:
         if s is not stack:
-            by_reason[rejection(s) or "usable, ranked lower"] += 1
+            odd_slice = s.uid and s.uid == stack.uid and len(s.files) < MIN_SLICES
+            by_reason["slice(s) of the chosen series on another matrix/orientation: dropped" if odd_slice
+                      else rejection(s) or "usable, ranked lower"] += 1
     out["not_chosen"] = dict(by_reason)
     return data, affine, out

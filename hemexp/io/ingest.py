@@ -26,6 +26,9 @@ from hemexp.io.nifti import canonical, grid_mismatch, is_nifti_path, make_image,
 # 3071 (12-bit). Clipping to this range makes padding look like air to registration and templates.
 HU_RANGE = (-1024.0, 3071.0)
 MASK_KINDS = ("iph", "ivh")
+# A hemorrhage is a few percent of a head CT; a mask over more than this share of the volume is an
+# inverted mask, a wrong label value or another image, never a bleed.
+MAX_MASK_FRACTION = 0.5
 
 
 def _check_hu(data: np.ndarray, path: Path, patient_id: str) -> None:
@@ -39,6 +42,19 @@ def _check_hu(data: np.ndarray, path: Path, patient_id: str) -> None:
             f"no negative values (range {lo:g}..{hi:g}): not a CT in Hounsfield units "
             "(an MR image, or stored values without RescaleIntercept?)",
         )
+
+
+def _series_hint(mask_shape: tuple[int, ...], ingest: dict) -> str:
+    """For a DICOM folder holding more than one usable series: which series the mask would fit."""
+    usable = ingest.get("usable_series") or []
+    if len(usable) < 2:
+        return ""
+    chosen = usable[0]
+    fits = [u for u in usable[1:] if sorted(u["grid"]) == sorted(mask_shape)]
+    which = (f"; the mask's shape fits series {fits[0]['series_number']} instead" if fits else "")
+    return (f"; the CT folder holds {len(usable)} usable series (two series or more in one folder; chosen: series "
+            f"{chosen['series_number']}, {chosen['kernel_class']} kernel){which}: keep only the series the masks were "
+            "drawn on in the folder")
 
 
 def load_ct(path: str | Path, patient_id: str) -> nib.Nifti1Image:
@@ -97,7 +113,13 @@ def load_mask(
     problem = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, context="after RAS canonicalisation")
     if problem:
         ref_file = reference_path or reference_ct.extra.get("source_path") or reference_ct.get_filename()
-        raise PatientInputError(patient_id, path, f"{which.upper()} {problem}; CT file: {ref_file or 'unknown'}")
+        raise PatientInputError(patient_id, path, f"{which.upper()} {problem}; CT file: {ref_file or 'unknown'}"
+                                + _series_hint(binary.shape, reference_ct.extra.get("ingest", {})))
+    fraction = float(binary.mean())
+    if fraction > MAX_MASK_FRACTION:
+        extent = "the whole volume" if fraction >= 0.999 else f"{100 * fraction:.0f} % of the volume"
+        raise PatientInputError(patient_id, path, f"{which.upper()} mask covers {extent}: not a hemorrhage "
+                                "segmentation (an inverted mask, a wrong label value, or the CT instead of the mask?)")
     # Snap to the CT's affine so later resampling treats both as exactly one grid.
     out = make_image(np.asarray(img.dataobj, dtype=np.uint8), ref.affine)
     out.extra.update(source_path=str(path))

@@ -1,8 +1,9 @@
 """NIfTI reading and writing with the checks and header hygiene every stage relies on.
 
 Reading validates what nibabel does not: that the file exists, decompresses completely (a truncated
-``.nii.gz`` loads lazily and only fails when the voxels are read), is a 3D volume and holds finite
-numbers. Writing goes through :func:`hemexp.core.files.atomic_path` and blanks every free-text header
+``.nii.gz`` loads lazily and only fails when the voxels are read), has a usable voxel-to-world affine
+(finite, non-singular, plausible voxel sizes: nibabel loads a degenerate sform and only fails later,
+deep inside reorientation), is a 3D volume and holds finite numbers. Writing goes through :func:`hemexp.core.files.atomic_path` and blanks every free-text header
 field (``descrip``, ``aux_file``, ``intent_name``, ``db_name``) and drops header extensions, so no
 DICOM-derived text (or anything else identifying) can ride along into a product.
 """
@@ -21,7 +22,8 @@ from hemexp.core.files import atomic_path
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Header fields that can carry free text; cleared on every write.
 TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError,
+                nib.spatialimages.HeaderDataError)
 
 
 def is_nifti_path(path: str | Path) -> bool:
@@ -75,35 +77,73 @@ def grid_mismatch(shape: tuple[int, ...], affine: np.ndarray, ref_shape: tuple[i
     )
 
 
+# A CT voxel is 0.1-10 mm; outside these bounds the header geometry is broken, not unusual.
+VOXEL_MM_RANGE = (0.01, 50.0)
+MIN_AXIS_ORTHOGONALITY = 1e-3  # |det| / product of voxel sizes: 0 when two voxel axes are parallel
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """None for a usable voxel-to-world affine, else why it is not (non-finite, singular or collinear
+    axes, implausible voxel size): the text of the error :func:`read_volume` raises."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        return "voxel-to-world affine (sform/qform) has NaN/inf entries"
+    spacing = affine_spacing_mm(affine)
+    if min(spacing) <= 0 or abs(np.linalg.det(affine[:3, :3])) < MIN_AXIS_ORTHOGONALITY * float(np.prod(spacing)):
+        return (f"voxel-to-world affine (sform/qform) is singular (voxel sizes {', '.join(f'{v:.3g}' for v in spacing)}"
+                " mm, axes degenerate)")
+    lo, hi = VOXEL_MM_RANGE
+    if not all(lo <= v <= hi for v in spacing):
+        return f"implausible voxel size {'x'.join(f'{v:.3g}' for v in spacing)} mm in the affine (expected {lo:g}-{hi:g} mm)"
+    return None
+
+
 def read_volume(path: str | Path, patient_id: str, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """(float32 3D array, 4x4 affine) of a NIfTI file in its stored voxel order.
 
     Every way the file can be unusable becomes a :class:`PatientInputError` naming the file: missing,
-    not NIfTI, truncated/corrupt (detected by reading all voxels), not 3D (a trailing singleton
-    dimension is accepted), or containing NaN/inf voxels.
+    not NIfTI, empty (0 bytes), truncated/corrupt (detected by reading all voxels), a broken affine
+    (:func:`affine_problem`), not 3D (a trailing singleton dimension is accepted), or containing NaN/inf voxels.
     """
     path = Path(path)
     if not path.exists():
         raise PatientInputError(patient_id, path, f"{what} file not found")
     if not path.is_file():
         raise PatientInputError(patient_id, path, f"{what} is not a file (expected a NIfTI .nii/.nii.gz)")
+    if path.stat().st_size == 0:
+        raise PatientInputError(patient_id, path, f"{what} file is empty (0 bytes): re-export or re-copy it")
     try:
         img = nib.load(str(path))
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except _READ_ERRORS as err:
+        raise PatientInputError(
+            patient_id, path, f"{what} is truncated or corrupt: cannot read its header ({type(err).__name__}: {err})"
+        ) from err
+    problem = affine_problem(affine)
+    if problem:
+        raise PatientInputError(patient_id, path, f"{what} {problem}: fix the header geometry or re-export the scan")
+    try:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except _READ_ERRORS as err:
         raise PatientInputError(
-            patient_id, path, f"{what} is truncated or corrupt: cannot read it ({type(err).__name__}: {err})"
+            patient_id, path, f"{what} is truncated or corrupt: cannot read it ({type(err).__name__}: {err}); "
+            "re-export or re-copy the file"
         ) from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise PatientInputError(patient_id, path, f"{what} must be a 3D volume, got shape {data.shape}")
+        raise PatientInputError(patient_id, path, f"{what} must be a 3D volume, got {data.ndim}D data of shape "
+                                f"{data.shape} (a single slice, or a 4D time series / multi-volume file?)")
+    if min(data.shape) < 2:
+        raise PatientInputError(patient_id, path, f"{what} must be a 3D volume, got shape {data.shape} "
+                                "(a single slice, not a volume)")
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise PatientInputError(
-            patient_id, path, f"{what} has {bad} NaN/inf voxels ({100.0 * bad / data.size:.1f} % of the volume)"
+            patient_id, path, f"{what} has {bad} NaN/inf voxels ({100.0 * bad / data.size:.2g} % of the volume): "
+            "not a valid image; re-export it"
         )
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return data, affine
 
 
 def make_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

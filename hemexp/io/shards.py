@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hemexp.core.clinical import CLINICAL_NAMES
+from hemexp.core.errors import reading_product
 from hemexp.core.files import atomic_path
 
 CT_COLUMNS = ("bl_ct", "fu_ct")
@@ -139,8 +140,10 @@ def write_shard(table: pa.Table, path: str | Path, row_group_rows: int) -> Path:
 
 
 def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Read (some columns of) a shard through a memory map."""
-    return pq.read_table(str(path), columns=columns, memory_map=True)
+    """Read (some columns of) a shard through a memory map; a truncated or corrupt shard -> one line
+    naming the patient, the file and the stage to rerun (``shard``)."""
+    with reading_product(path, "shard", Path(path).stem, what="slice shard"):
+        return pq.read_table(str(path), columns=columns, memory_map=True)
 
 
 def column_images(column: pa.ChunkedArray | pa.Array, height: int, width: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from hemexp.core.commands import add_config_arg, config_from, patient_stage
-from hemexp.core.layout import Layout
+from hemexp.core.deid import scrub_text, shareable_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("build-template", help="build the CT template from training baselines (preprocess.template: null)")
     p.add_argument("--patients", nargs="+", required=True,
-                   help="patient IDs whose ingested baselines build the template (the rule passes the first "
-                        "preprocess.template_n_patients sorted training IDs)")
+                   help="candidate patient IDs: the first preprocess.template_n_patients of them (sorted) that "
+                        "ingest cleanly build the template; the rule passes the first n + 1 sorted training IDs")
     add_config_arg(p)
     p.set_defaults(func=_build_template)
 
@@ -43,7 +43,7 @@ def _template_guard(func):
         try:
             func(args, cfg)
         except TemplateError as err:
-            print(f"hemexp {args.command}: {err}", file=sys.stderr)
+            print(f"hemexp {args.command}: {scrub_text(str(err), results_dir=cfg['results_dir'])}", file=sys.stderr)
             raise SystemExit(2) from err
 
     return run
@@ -74,28 +74,25 @@ def _preprocess(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 def _shard(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from hemexp.preprocess.pipeline import shard_patient
 
-    print(f"{args.patient}: wrote {shard_patient(cfg, args.patient)}")
+    print(f"{args.patient}: wrote {shareable_path(shard_patient(cfg, args.patient), results_dir=cfg['results_dir'])}")
 
 
 def _build_template(args: argparse.Namespace) -> int:
-    import nibabel as nib
-    import numpy as np
-
-    from hemexp.io.nifti import make_image
-    from hemexp.preprocess.template import build_template, write_template
+    from hemexp.preprocess.pipeline import ingest_patient
+    from hemexp.preprocess.template import TemplateError, build_template, usable_baselines, write_template
 
     cfg = config_from(args)
     if cfg["preprocess"]["template"]:
         print("hemexp build-template: preprocess.template is set; nothing to build", file=sys.stderr)
         return 2
-    brains, masks = [], []
-    for pid in sorted(args.patients):
-        src = Layout.of(cfg).ingested(pid)
-        ct, brain = nib.load(str(src / "bl_ct.nii.gz")), nib.load(str(src / "brain_bl.nii.gz"))
-        mask = np.asarray(brain.dataobj) > 0
-        brains.append(make_image(np.asarray(ct.dataobj, np.float32) * mask, ct.affine))
-        masks.append(make_image(mask.astype(np.uint8), ct.affine))
+    try:
+        brains, masks, info = usable_baselines(cfg, args.patients, ingest_patient)
+    except TemplateError as err:
+        print(f"hemexp build-template: {err}", file=sys.stderr)
+        return 2
+    for skip in info["skipped"]:
+        print(f"hemexp build-template: skipped {skip['patient_id']} ({skip['problem']})", file=sys.stderr)
     template, mask = build_template(brains, masks, cfg["preprocess"]["registration_mm"], cfg["seed"])
-    path, mask_path = write_template(template, mask, cfg)
-    print(f"template from {len(brains)} baselines: {path} ({mask_path})")
+    path, mask_path = write_template(template, mask, cfg, info)
+    print(f"template from {len(brains)} baselines ({', '.join(info['patients'])}): {path} ({mask_path})")
     return 0

@@ -28,13 +28,15 @@ import pandas as pd
 
 from hemexp.cohort.manifest import read_manifest
 from hemexp.core.clinical import CLINICAL_NAMES, dice, is_expansion, mask_volume_ml
-from hemexp.core.errors import PatientInputError
+from hemexp.core.deid import shareable_path
+from hemexp.core.errors import PatientInputError, reading_product
 from hemexp.core.files import atomic_dir, read_json, write_json
 from hemexp.core.layout import Layout, manifest_path
 from hemexp.io.ingest import load_ct, load_mask
 from hemexp.io.nifti import make_image, save_nifti, spacing_mm
 from hemexp.io.shards import IMAGE_COLUMNS, patient_table, write_shard
 from hemexp.preprocess.grid import ModelGrid, brain_coverage, model_grid
+from hemexp.preprocess.identity import affine_measures, identity_failure, identity_measures
 from hemexp.preprocess.qc import qc_figure
 from hemexp.preprocess.register import (
     BL_TO_TEMPLATE,
@@ -67,9 +69,11 @@ def patient_row(cfg: dict[str, Any], patient_id: str) -> pd.Series:
     return rows.iloc[0]
 
 
-def _load(path: Path) -> nib.Nifti1Image:
-    img = nib.load(str(path))
-    return make_image(np.asarray(img.dataobj), img.affine)
+def _load(path: Path, stage: str = "ingest") -> nib.Nifti1Image:
+    """An intermediate NIfTI of ``<stage dir>/<patient>/`` read in full: truncated -> one line naming the stage."""
+    with reading_product(path, stage, Path(path).parent.name):
+        img = nib.load(str(path))
+        return make_image(np.asarray(img.dataobj), img.affine)
 
 
 # ---------------------------------------------------------------- ingest + skull strip
@@ -115,17 +119,46 @@ def skull_stripped(ct: nib.Nifti1Image, brain: np.ndarray | nib.Nifti1Image) -> 
     return make_image(np.asarray(ct.dataobj, np.float32) * mask, ct.affine)
 
 
+def check_distinct_files(row: pd.Series, pid: str) -> None:
+    """Baseline and follow-up must be two scans: the same CT path (or the same file under two names)
+    for both timepoints is a manifest copy error."""
+    bl, fu = Path(row["baseline_ct"]), Path(row["followup_ct"])
+    same = bl == fu
+    if not same and bl.exists() and fu.exists():
+        try:
+            same = bl.samefile(fu)
+        except OSError:
+            same = False
+    if same:
+        raise PatientInputError(pid, fu, f"follow-up CT is the same file as the baseline CT ({bl}): "
+                                "the manifest must name two different scans")
+
+
+def check_distinct_pixels(bl_ct: nib.Nifti1Image, fu_ct: nib.Nifti1Image, row: pd.Series, pid: str) -> None:
+    """Identical voxel data at both timepoints means one scan copied twice (noise alone makes two
+    acquisitions differ in almost every voxel)."""
+    if bl_ct.shape == fu_ct.shape and np.array_equal(np.asarray(bl_ct.dataobj), np.asarray(fu_ct.dataobj)):
+        raise PatientInputError(pid, row["followup_ct"], f"follow-up CT has pixel data identical to the baseline CT "
+                                f"({row['baseline_ct']}): the same scan copied twice, not a follow-up")
+
+
 def ingest_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Load, check and skull-strip one patient's baseline and follow-up; write ``ingested/{p}/``."""
     row = patient_row(cfg, patient_id)
     out_dir = Path(out_dir) if out_dir else Layout.of(cfg).ingested(patient_id)
     labels = cfg["cohort"]["mask_labels"]
     t0 = time.perf_counter()
+    check_distinct_files(row, patient_id)
     imgs = {tp: load_timepoint(row, tp, labels, patient_id) for tp in TIMEPOINTS}
+    check_distinct_pixels(imgs["bl"]["ct"], imgs["fu"]["ct"], row, patient_id)
     volumes = {tp: {k: mask_volume_ml(np.asarray(imgs[tp][k].dataobj), spacing_mm(imgs[tp]["ct"])) for k in KINDS}
                for tp in TIMEPOINTS}
     if volumes["bl"]["iph"] == 0:
-        raise PatientInputError(patient_id, row["baseline_iph"], "baseline IPH mask is empty (no hemorrhage to model)")
+        stated = row.get("baseline_iph_ml")
+        said = (f" although the manifest says baseline_iph_ml={float(stated):g}"
+                if stated is not None and np.isfinite(float(stated)) and float(stated) > 0 else "")
+        raise PatientInputError(patient_id, row["baseline_iph"],
+                                f"baseline IPH mask is empty (no hemorrhage to model){said}: wrong file or label value?")
     t1 = time.perf_counter()
     brains, strip_info = {}, {}
     for tp, parts in imgs.items():
@@ -231,7 +264,8 @@ def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path
     row = patient_row(cfg, patient_id)
     src = Path(src_dir) if src_dir else Layout.of(cfg).ingested(patient_id)
     out_dir = Path(out_dir) if out_dir else Layout.of(cfg).preprocessed(patient_id)
-    ingest = read_json(src / "ingest.json")
+    with reading_product(src / "ingest.json", "ingest", patient_id):
+        ingest = read_json(src / "ingest.json")
     template, tmask, grid = template_grid(cfg)
     with atomic_dir(out_dir) as tmp:
         tdir = tmp / TRANSFORMS_DIR
@@ -247,9 +281,15 @@ def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path
         summary = _summary(cfg, patient_id, row, ingest, grid, vols)
         summary["registration"].update(
             bl_to_template=rigid_motion(tdir / BL_TO_TEMPLATE), fu_to_bl=rigid_motion(tdir / FU_TO_BL),
-            template=str(template_paths(cfg)[0]), template_brain_coverage=brain_coverage(grid, tmask),
+            template=shareable_path(template_paths(cfg)[0], manifest_path(cfg).parent, cfg["results_dir"]),
+            template_brain_coverage=brain_coverage(grid, tmask),
         )
-        _check(summary, row, patient_id, pre["min_brain_dice"])
+        summary["identity"] = {**identity_measures(vols, tuple(pre["hu_window"])), **affine_measures(tdir / FU_TO_BL),
+                               "min_ncc": pre["min_identity_ncc"],
+                               "allowed_scale_change": pre["max_identity_scale_change"],
+                               "allowed_slice_scale_change": pre["max_identity_slice_scale_change"]}
+        _check(summary, row, patient_id, pre["min_brain_dice"], pre["min_identity_ncc"], pre["max_identity_scale_change"],
+               pre["max_identity_slice_scale_change"])
         qc_figure(vols, pre["hu_window"], tmp / "qc.png", _qc_title(summary))
         t3 = time.perf_counter()
         summary["timings_s"].update(registration_total=t1 - t0, rigid=timings["rigid"], affine=timings["affine"],
@@ -281,8 +321,11 @@ def _summary(cfg: dict[str, Any], pid: str, row: pd.Series, ingest: dict, grid, 
     }
 
 
-def _check(summary: dict[str, Any], row: pd.Series, pid: str, min_dice: float) -> None:
-    """Failures that make a pair unusable for training or evaluation."""
+def _check(summary: dict[str, Any], row: pd.Series, pid: str, min_dice: float, min_ncc: float | None = None,
+           max_scale_change: float | None = None, max_slice_scale_change: float | None = None) -> None:
+    """Failures that make a pair unusable for training or evaluation: the lesion off the grid, the
+    follow-up not aligned (brain Dice), or the follow-up another patient's head
+    (:func:`hemexp.preprocess.identity.identity_failure`: the affine's scale factors, ``identity.ncc``)."""
     if summary["volumes_ml_model_grid"]["baseline"]["iph"] == 0:
         raise PatientInputError(pid, row["baseline_iph"],
                                 "baseline IPH lies outside the model grid after registration (check crop and the QC)")
@@ -291,6 +334,10 @@ def _check(summary: dict[str, Any], row: pd.Series, pid: str, min_dice: float) -
         raise PatientInputError(pid, row["followup_ct"],
                                 f"follow-up does not align with the baseline after registration (brain Dice {dice_:.3f} "
                                 f"< preprocess.min_brain_dice {min_dice}): a different patient's scan or a failed registration?")
+    why = identity_failure(summary.get("identity", {}), min_ncc, max_scale_change, max_slice_scale_change)
+    if why is not None:
+        raise PatientInputError(pid, row["followup_ct"], f"follow-up CT does not look like the same head as the baseline: "
+                                f"{why}; is it another patient's scan? check the QC figure")
 
 
 def _qc_title(summary: dict[str, Any]) -> str:
@@ -326,8 +373,9 @@ def shard_patient(cfg: dict[str, Any], patient_id: str, out_path: str | Path | N
     out_path = Path(out_path) if out_path else Layout.of(cfg).shard(patient_id)
     summary = read_summary(patient_id, src)
     row = patient_row(cfg, patient_id)
-    grid = ModelGrid.load(src / TRANSFORMS_DIR / MODEL_GRID)
-    vols = {c: np.asarray(nib.load(str(src / f"{c}.nii.gz")).dataobj) for c in IMAGE_COLUMNS}
+    with reading_product(src / TRANSFORMS_DIR / MODEL_GRID, "preprocess", patient_id):
+        grid = ModelGrid.load(src / TRANSFORMS_DIR / MODEL_GRID)
+    vols = {c: np.asarray(_load(src / f"{c}.nii.gz", "preprocess").dataobj) for c in IMAGE_COLUMNS}
     meta = {"patient_id": patient_id, "split": row["split"], "site": row["site"],
             "expansion": summary["expansion"], "he_prob": row["he_prob"],
             **{name: row[name] for name in CLINICAL_NAMES}}

@@ -10,15 +10,16 @@ The DDIM chain itself, with classifier-free guidance on the clinical branch, is
 :func:`hemexp.diffusion.ddim.ddim_loop` — the loop the training sample grid runs too; this module adds
 the sampling policy around it: per-item seeded noise, chunk sizes and the encode/decode glue.
 
-Reproducibility: every item owns a ``torch.Generator`` seeded from (seed, sample index, slice index z)
-(:func:`item_generators`). Its initial noise is drawn before chunking and, for η > 0, its per-step noise
-comes from the same generator, so a sample gets the same noise whatever the chunk size (and whatever
-other slices or samples are drawn alongside it). A rerun with the same chunk size is bit-identical;
+Reproducibility: the noise of every item is keyed by (seed, sample index, slice index z), and how the
+slices of one sample share it (``sampling.slice_noise``: one field per sample by default, so one sample is
+one coherent 3D follow-up) is :mod:`hemexp.sampling.noise`. Initial noise is drawn before chunking and,
+for η > 0, each step's noise is keyed too, so a sample gets the same noise whatever the chunk size (and
+whatever other samples are drawn alongside it). A rerun with the same chunk size is bit-identical;
 across chunk sizes the results agree up to the float rounding of batch-size-dependent U-Net kernels
-(~1e-6 per call on CPU; oneDNN/cuDNN choose blockings by batch size). MONAI's ``DDIMScheduler.step`` draws η-noise for the
-whole batch from one generator, which would tie the noise to the chunking; for η > 0
-:func:`hemexp.diffusion.ddim.ddim_step` therefore takes MONAI's x0 prediction and adds the per-item noise itself (DDIM
-eq. 12 with σ from MONAI's ``_get_variance``). η = 0 uses MONAI's step unchanged.
+(~1e-6 per call on CPU; oneDNN/cuDNN choose blockings by batch size). MONAI's ``DDIMScheduler.step`` draws
+η-noise for the whole batch from one generator, which would tie the noise to the chunking; for η > 0
+:func:`hemexp.diffusion.ddim.ddim_step` therefore takes MONAI's x0 prediction and adds the per-item noise
+itself (DDIM eq. 12 with σ from MONAI's ``_get_variance``). η = 0 uses MONAI's step unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from hemexp.diffusion.ddim import Progress, autocast, ddim_loop
 from hemexp.diffusion.latents import check_stats, denormalise, normalise
 from hemexp.diffusion.model import ConditionalLatentUNet, ddim_scheduler, load_diffusion
 from hemexp.io.shards import slice_image
+from hemexp.sampling.noise import SliceNoise
 from hemexp.vae.data import unwindow_ct, vae_channels
 from hemexp.vae.model import load_vae
 
@@ -63,6 +65,8 @@ class SamplerSettings:
     precision: str = "auto"
     memory_fraction: float = 0.5
     decode_batch: int = 64
+    slice_noise: str = "shared"
+    noise_correlation_mm: float = 30.0
 
     @classmethod
     def from_config(cls, sampling_cfg: dict[str, Any], **overrides: Any) -> SamplerSettings:
@@ -70,27 +74,14 @@ class SamplerSettings:
         values = {"steps": sampling_cfg["ddim_steps"], "eta": sampling_cfg["eta"],
                   "guidance_scale": sampling_cfg["guidance_scale"], "seed": sampling_cfg["seed"],
                   "chunk_size": sampling_cfg["chunk_size"], "precision": sampling_cfg.get("precision", "auto"),
-                  "memory_fraction": sampling_cfg.get("memory_fraction", 0.5)}
+                  "memory_fraction": sampling_cfg.get("memory_fraction", 0.5),
+                  "slice_noise": sampling_cfg.get("slice_noise", "shared"),
+                  "noise_correlation_mm": sampling_cfg.get("noise_correlation_mm", 30.0)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
 # ----------------------------------------------------------------------------- noise
-
-
-def item_generators(seed: int, sample_ids: Sequence[int], slice_ids: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per (sample, slice) item, sample-major, seeded from (seed, sample, slice z)."""
-    gens = []
-    for k in sample_ids:
-        for z in slice_ids:
-            state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(k), int(z)]).generate_state(2, np.uint32)
-            gens.append(torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1))
-    return gens
-
-
-def draw(gens: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    """One standard-normal tensor of ``shape`` per generator, stacked: ``[len(gens), *shape]``."""
-    return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
 # ----------------------------------------------------------------------------- chunk size
@@ -168,13 +159,15 @@ def auto_chunk_size(model: ConditionalLatentUNet, latent_shape: tuple[int, int, 
 def sample_deltas(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], baseline: torch.Tensor,
                   clinical: torch.Tensor, flags: Sequence[int], settings: SamplerSettings,
                   slice_ids: Sequence[int] | None = None, sample_ids: Sequence[int] | None = None,
-                  progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                  progress: Progress | None = None,
+                  slice_spacing_mm: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Normalised Δz of N samples × S slices, ``[N, S, C, h, w]`` float32 on CPU, and run info.
 
     ``baseline`` ``[S, C*context, h, w]``: normalised baseline latents of each slice's context;
     ``clinical`` ``[7]`` (all samples) or ``[N, 7]`` (one row per sample, e.g. perturbation scenarios
     batched as samples); ``flags`` ``[N]``; ``slice_ids`` (default 0..S-1) and ``sample_ids`` (default
-    0..N-1) key the per-item noise.
+    0..N-1) key the per-item noise; ``settings.slice_noise`` says how a sample's slices share it
+    (:mod:`hemexp.sampling.noise`; ``correlated`` needs ``slice_spacing_mm``).
     """
     device = next(model.parameters()).device
     n, s = len(flags), baseline.shape[0]
@@ -188,16 +181,13 @@ def sample_deltas(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], basel
     shape = (model.latent_channels, *baseline.shape[-2:])
     chunk_rows = settings.chunk_size or auto_chunk_size(model, shape, device, settings.memory_fraction,
                                                         precision=settings.precision)
-    gens = item_generators(settings.seed, sample_ids, slice_ids)
-    noise = draw(gens, shape)  # [N*S, C, h, w], sample-major: drawn before chunking
-
-    def step_noise(idx: np.ndarray) -> torch.Tensor:
-        return draw([gens[i] for i in idx], shape)
-
+    field_ = SliceNoise(settings.slice_noise, settings.seed, sample_ids, slice_ids, shape,
+                        slice_spacing_mm, settings.noise_correlation_mm)
+    noise = field_.initial()  # [N*S, C, h, w], sample-major: drawn before chunking
     out, info = ddim_loop(model, ddim_scheduler(sched_cfg, settings.steps), noise, baseline, clinical,
                           torch.as_tensor(np.asarray(flags, dtype=np.int64)), settings.guidance_scale, settings.eta,
                           base_index=np.tile(np.arange(s), n), cond_index=np.repeat(np.arange(n), s),
-                          step_noise=step_noise, chunk_rows=chunk_rows, precision=settings.precision,
+                          step_noise=field_.step, chunk_rows=chunk_rows, precision=settings.precision,
                           channels_last=device.type == "cuda", progress=progress)
     return out.reshape(n, s, *shape), info
 
@@ -352,7 +342,7 @@ def generate_followups(bundle: ModelBundle, baseline: dict[str, np.ndarray], spa
     timings["encode_s"] = time.perf_counter() - t0
     delta, run = sample_deltas(bundle.diffusion, bundle.sched_cfg, enc.cond,
                                torch.as_tensor(np.asarray(clinical, np.float32)), flags, settings, slice_ids=zs,
-                               sample_ids=sample_ids, progress=progress)
+                               sample_ids=sample_ids, progress=progress, slice_spacing_mm=spacing_z)
     timings["sample_s"] = run.pop("seconds")
     t1 = time.perf_counter()
     z_fu = denormalise(enc.centre.unsqueeze(0) + delta, bundle.stats).flatten(0, 1)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hemexp.core.config import REPO_ROOT, config_hash
+from hemexp.core.deid import scrub_values
 from hemexp.core.layout import Layout, manifest_path
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -106,7 +107,8 @@ def start_run(cfg: dict[str, Any], stage: str, run_dir: str | Path, variant: str
               params: dict[str, Any] | None = None) -> Iterator[Any]:
     """Open (or, after a resume, reopen) the MLflow run of one model and record its id in ``run_dir``.
 
-    ``params`` (default: the whole resolved config) are logged flat; tags follow :func:`run_tags`.
+    ``params`` (default: the whole resolved config) are logged flat, absolute paths made shareable
+    (:func:`hemexp.core.deid.scrub_values`); tags follow :func:`run_tags`.
     """
     import mlflow
 
@@ -119,7 +121,9 @@ def start_run(cfg: dict[str, Any], stage: str, run_dir: str | Path, variant: str
         if run_id is None:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run.info.run_id)
-            flat = flatten(params if params is not None else cfg)
+            # absolute paths (results_dir, the manifest, templates) as docs/deidentification.md allows
+            flat = scrub_values(flatten(params if params is not None else cfg).items(),
+                                manifest_path(cfg).parent, cfg["results_dir"])
             for i in range(0, len(flat), 90):  # MLflow limits params per batch
                 mlflow.log_params(dict(list(flat.items())[i : i + 90]))
         mlflow.set_tags(run_tags(cfg, stage, variant))

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from hemexp.core.clinical import CLINICAL_NAMES, clinical_vector
+from hemexp.core.errors import reading_product
 from hemexp.io.shards import IMAGE_COLUMNS, column_images
 
 _INDEX_COLUMNS = ["patient_id", "split", "site", "z", "is_target", "height", "width", "expansion", "he_prob",
@@ -83,10 +84,11 @@ class _ShardIndex:
 
     def __init__(self, path: Path):
         self.path = path
-        meta = pq.ParquetFile(str(path), memory_map=True)
-        self.group_starts = np.cumsum([0] + [meta.metadata.row_group(i).num_rows
-                                            for i in range(meta.num_row_groups)])
-        self.frame = pq.read_table(str(path), columns=_INDEX_COLUMNS, memory_map=True).to_pandas()
+        with reading_product(path, "shard", Path(path).stem, what="slice shard"):
+            meta = pq.ParquetFile(str(path), memory_map=True)
+            self.group_starts = np.cumsum([0] + [meta.metadata.row_group(i).num_rows
+                                                for i in range(meta.num_row_groups)])
+            self.frame = pq.read_table(str(path), columns=_INDEX_COLUMNS, memory_map=True).to_pandas()
         self.z = self.frame["z"].to_numpy(np.int64)
         if len(self.z) and np.any(np.diff(self.z) <= 0):
             raise ValueError(f"shard {path}: rows are not in increasing z order")
@@ -166,7 +168,8 @@ class SliceDataset(Dataset):
             self._cache.move_to_end(key)
             return self._cache[key]
         index = self.shards[shard]
-        table = pq.ParquetFile(str(index.path), memory_map=True).read_row_group(group, columns=list(IMAGE_COLUMNS))
+        with reading_product(index.path, "shard", Path(index.path).stem, what="slice shard"):
+            table = pq.ParquetFile(str(index.path), memory_map=True).read_row_group(group, columns=list(IMAGE_COLUMNS))
         arrays = {c: column_images(table[c], index.height, index.width) for c in IMAGE_COLUMNS}
         self._cache[key] = arrays
         if self.cache_row_groups is not None and len(self._cache) > self.cache_row_groups:

@@ -22,6 +22,7 @@ import torch
 from monai.networks.nets import AutoencoderKL
 from torch import nn
 
+from hemexp.core.errors import reading_product
 from hemexp.core.files import atomic_path
 
 FORMAT = "hemexp-vae/1"
@@ -140,7 +141,8 @@ class MultiHeadVAE(nn.Module):
 
 def load_vae(path: str | Path, map_location: str | torch.device | None = "cpu") -> MultiHeadVAE:
     """Load a model written by :meth:`MultiHeadVAE.save`, in eval mode with gradients off."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    with reading_product(path, "train-vae", what="VAE model"):
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a HemExp VAE checkpoint (expected format {FORMAT!r})")
     raw = payload["config"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hemexp.core.deid import shareable_path
 from hemexp.core.errors import collect_failures
+from hemexp.core.layout import Layout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _failures(args: argparse.Namespace) -> int:
     table = collect_failures(args.results)
     if len(table):
-        print(f"{len(table)} failure(s); see {Path(args.results) / 'qc' / 'failures.tsv'}")
+        shown = shareable_path(Layout(Path(args.results)).failures_table, results_dir=args.results)
+        print(f"{len(table)} failure(s); see {shown} in the results folder")
         print(table.to_string(index=False))
     return 0

@@ -39,6 +39,11 @@ def build_report(workflow: Any, report_path: str) -> int | None:
     cmd = report_command(workflow, report_path)
     if cmd is None:
         return None
+    from pathlib import Path
+
+    from hemexp.core.errors import collect_failures
+
+    collect_failures(Path(report_path).parent)  # qc/failures.rst, included by report/workflow.rst
     code = subprocess.run(cmd, check=False).returncode
     if code != 0:
         print(f"WARNING: building the report failed (exit {code}); rerun by hand: {' '.join(cmd)}", file=sys.stderr)

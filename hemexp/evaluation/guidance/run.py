@@ -229,7 +229,7 @@ class BundleSampler:
         settings = dataclasses.replace(self.settings, guidance_scale=float(guidance_scale))
         delta, info = sample_deltas(self.bundle.diffusion, self.bundle.sched_cfg, self.cond,
                                     torch.from_numpy(np.stack(vectors)), flags, settings, slice_ids=self.zs,
-                                    sample_ids=sample_ids)
+                                    sample_ids=sample_ids, slice_spacing_mm=self.spacing[2])
         self.calls.append({"rows": len(flags), "guidance_scale": float(guidance_scale), **info})
         z_fu = denormalise(self.centre.unsqueeze(0) + delta, self.bundle.stats).flatten(0, 1)
         _, iph, ivh = decode(self.bundle.vae, z_fu, self.bundle.device, self.threshold, settings.decode_batch)
