@@ -220,13 +220,22 @@ def test_bad_image_fails_one_patient_cleanly(cohort, capsys, column, writer, pro
 def test_mask_drawn_on_the_other_series_says_two_series(cohort, capsys):
     raw, run = cohort
     folder = _mask_of_other_series(raw)
+    # Drawn on the other series of the same study (same physical space): resampled onto the chosen one.
     mask = save(raw / "other_iph.nii.gz", lesion()[:, :, :10])
-    code, err, results = run("MIX", capsys, baseline_ct=folder, baseline_iph=mask,
-                             baseline_ivh=save(raw / "other_ivh.nii.gz", np.zeros((32, 32, 10), np.uint8)))
+    ivh = save(raw / "other_ivh.nii.gz", np.zeros((32, 32, 10), np.uint8))
+    code, err, results = run("MIX", capsys, baseline_ct=folder, baseline_iph=mask, baseline_ivh=ivh)
+    assert code == 0, err
+    got = np.asarray(nib.load(results / "ingested" / "MIX" / "bl_iph.nii.gz").dataobj)
+    assert got.sum() == lesion()[:, :, :10].sum()
+    # The same mask with a geometry outside the CT's space: rejected, with the two-series hint.
+    away = affine() + np.array([[0, 0, 0, 500.0]] * 3 + [[0, 0, 0, 0]])
+    mask = save(raw / "away_iph.nii.gz", lesion()[:, :, :10], away)
+    code, err, results = run("MIX2", capsys, baseline_ct=folder, baseline_iph=mask, baseline_ivh=ivh)
     assert code == 1
-    assert "patient MIX" in err and mask.name in err and "does not match CT grid" in err
+    assert "beyond the CT field of view" in err, err
+    assert "patient MIX2" in err and mask.name in err and "does not match CT grid" in err
     assert "2 usable series (two series or more in one folder" in err and "fits series 2 instead" in err, err
-    assert not (results / "ingested" / "MIX").exists()
+    assert not (results / "ingested" / "MIX2").exists()
 
 
 @pytest.mark.parametrize("same", ["path", "copy"])

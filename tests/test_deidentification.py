@@ -98,8 +98,8 @@ def _mask(img: nib.Nifti1Image, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """(config, results, data dir, sentinels): P01 good (DICOM CT), P02 a mask drawn on another grid
-    and stored outside the manifest's folder."""
+    """(config, results, data dir, sentinels): P01 good (DICOM CT), P02 a mask outside the CT's field
+    of view, stored outside the manifest's folder."""
     root = tmp_path_factory.mktemp("deid") / FOLDER
     data, results = root / "study", root / "results"
     sentinels = {NAME, SHORT, DATE, TIME, FOLDER, "Doe_John", "1.2.826.0.1.3680043.4711.1"}
@@ -115,10 +115,13 @@ def cohort(tmp_path_factory):
                         for k in ("ct", "iph", "ivh")})
         iph = np.asarray(nib.load(data / pid / "baseline_iph.nii.gz").dataobj)
         rows.append({**row, "baseline_iph_ml": round(float(iph.sum()) * np.prod(SPACING) / 1000, 2), **CLINICAL})
-    # P02's baseline IPH: drawn on a cropped grid, kept in a folder beside (not below) the manifest's
+    # P02's baseline IPH: placed 500 mm away (outside the CT's field of view), kept in a folder beside
+    # (not below) the manifest's
     bad = root / "elsewhere" / "P02_iph.nii.gz"
     img = nib.load(data / "P02" / "baseline_iph.nii.gz")
-    _mask(make_image(np.asarray(img.dataobj)[:-3], img.affine), bad)
+    moved = img.affine.copy()
+    moved[0, 3] += 500.0
+    _mask(make_image(np.asarray(img.dataobj), moved), bad)
     rows[1]["baseline_iph"] = "../elsewhere/P02_iph.nii.gz"
     pd.DataFrame(rows).to_csv(data / "manifest.tsv", sep="\t", index=False)
     pd.DataFrame([{**rows[0], "followup_ct": "P01/missing_ct"}]).to_csv(data / "broken.tsv", sep="\t", index=False)
@@ -173,7 +176,7 @@ def test_no_sentinel_leaves_the_pipeline(cohort, capsys, caplog):
     assert run("ingest", "P01", "--config", cfg_path) == 0
     assert run("preprocess", "P01", "--config", cfg_path) == 0
     assert run("shard", "P01", "--config", cfg_path) == 0
-    assert run("ingest", "P02", "--config", cfg_path) == 1  # IPH mask on another grid
+    assert run("ingest", "P02", "--config", cfg_path) == 1  # IPH mask outside the field of view
     assert run("ingest", "P99", "--config", cfg_path) == 1  # not in the manifest
     assert run("validate-manifest", data / "broken.tsv") == 2  # a missing file
     assert run("failures", "--results", results) == 0

@@ -154,12 +154,17 @@ def test_mask_with_tiny_float_rounding_is_accepted(tmp_path: Path, ct_and_path) 
     assert load_mask(path, ct, "iph", LABELS, False, "P01").get_fdata().sum() == (hu == 75).sum()
 
 
+# A mask on another grid of the CT's physical space is resampled (tests/test_masks_any_grid.py); one whose
+# lesion lies outside the CT's field of view (here 100 mm to the side) is rejected, naming both grids.
+_AWAY = np.array([[0, 0, 0, 100.0]] * 3 + [[0, 0, 0, 0]])
+
+
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        (lambda hu, a: (hu[:, :, :-1], a), "(40, 48, 19)"),
-        (lambda hu, a: (hu, a @ np.diag([1.0, 1.0, 2.0, 1.0])), "0.8x0.9x5 mm"),
-        (lambda hu, a: (hu, a + np.array([[0, 0, 0, 1.5]] * 3 + [[0, 0, 0, 0]])), "origin 1.5 mm"),
+        (lambda hu, a: (hu[:, :, :-1], a + _AWAY), "(40, 48, 19)"),
+        (lambda hu, a: (hu, a @ np.diag([1.0, 1.0, 2.0, 1.0]) + _AWAY), "0.8x0.9x5 mm"),
+        (lambda hu, a: (hu, a + _AWAY), "origin 100 mm"),
     ],
     ids=["shape", "spacing", "shifted"],
 )
@@ -171,7 +176,7 @@ def test_mask_on_another_grid_names_both_files(tmp_path: Path, ct_and_path, chan
         load_mask(path, ct, "iph", LABELS, False, "P01")
     msg = str(err.value)
     assert str(path) in msg and str(ct_path) in msg and fragment in msg and "(40, 48, 20)" in msg, msg
-    assert "0.8x0.9x2.5 mm" in msg
+    assert "0.8x0.9x2.5 mm" in msg and "beyond the CT field of view" in msg
 
 
 @pytest.mark.parametrize(

@@ -177,7 +177,8 @@ def _missing_fu(row, raw):
 def _geometry(row, raw):
     img = nib.load(raw / row["baseline_iph"])
     path = raw / "GEOM_iph.nii.gz"
-    nib.save(make_image(np.asarray(img.dataobj)[:-3], img.affine), path)
+    away = img.affine + np.array([[0, 0, 0, 500.0]] * 3 + [[0, 0, 0, 0]])  # outside the CT's field of view
+    nib.save(make_image(np.asarray(img.dataobj)[:-3], away), path)
     row["baseline_iph"] = path.name
 
 

@@ -89,6 +89,10 @@ class Layout:
     def ingested(self, patient: str) -> Path:
         return self.root / "ingested" / patient
 
+    def annotation_grid(self, patient: str, timepoint: str = "baseline") -> Path:
+        """``hemexp export-grid``: the canonical ingested CT (HU) to draw masks on (no rule declares it)."""
+        return self.root / "annotation" / f"{patient}_{timepoint}_ct.nii.gz"
+
     @property
     def template_dir(self) -> Path:
         return self.root / "template"

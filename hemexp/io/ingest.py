@@ -3,7 +3,9 @@
 This is the boundary where site data becomes pipeline data, so every problem with a patient's input
 surfaces here as a :class:`~hemexp.core.errors.PatientInputError` naming patient, file and problem, and
 every image leaves in one convention: RAS+ closest-canonical orientation (``nib.as_closest_canonical``),
-CT float32 HU clipped to ``HU_RANGE``, masks uint8 {0, 1} on exactly the CT's grid.
+CT float32 HU clipped to ``HU_RANGE``, masks uint8 {0, 1} on exactly the CT's grid (a mask saved on
+another grid of the same physical space, or a DICOM SEG, is resampled onto it and checked:
+:mod:`hemexp.io.masks`).
 
 Returned images carry (in ``img.extra``, never written to disk) ``source_path`` and ``ingest``, a
 dict of safe facts about the source (format, shape, spacing, for DICOM the chosen series'
@@ -19,7 +21,15 @@ import numpy as np
 
 from hemexp.core.errors import PatientInputError
 from hemexp.io.dicom import load_dicom_folder
-from hemexp.io.masks import read_mask
+from hemexp.io.masks import (
+    check_resampled,
+    foreground_world,
+    is_dicom_seg_path,
+    read_mask,
+    read_seg,
+    resample_nearest,
+    voxel_volume_mm3,
+)
 from hemexp.io.nifti import canonical, grid_mismatch, is_nifti_path, make_image, read_volume, spacing_mm
 
 # Air is -1000 HU; scanners pad outside the reconstruction circle with -2000/-3024 and clip at
@@ -98,29 +108,49 @@ def load_mask(
     """Load an IPH or IVH mask as a canonical uint8 {0,1} image on the grid of ``reference_ct``.
 
     Accepts {0,1}, {0,255} and label maps (``label_map=True``: ``labels[which]`` selects the
-    structure); see :func:`hemexp.io.masks.binarise_mask`. The mask must have been drawn on this CT:
-    shape and affine must match after canonicalisation (tolerances in :mod:`hemexp.io.nifti`);
-    otherwise the error names both files, both shapes and both voxel sizes. ``reference_path``
-    defaults to the CT's ``extra["source_path"]`` set by :func:`load_ct`.
+    structure); see :func:`hemexp.io.masks.binarise_mask`. A NIfTI mask on exactly the CT's grid
+    (shape and affine after canonicalisation, tolerances in :mod:`hemexp.io.nifti`) is taken as it is.
+    A mask on any other grid of the same physical space (dcm2niix's conversion of a tilted series,
+    another reconstruction of the study), or a DICOM SEG file (the segment labelled IPH/IVH or numbered
+    ``labels[which]``), is resampled nearest-neighbour in world coordinates onto the CT grid and must
+    lie inside the CT's field of view and keep its volume (:func:`hemexp.io.masks.check_resampled`);
+    otherwise the error names the file, the problem, both grids and the CT file. ``reference_path``
+    defaults to the CT's ``extra["source_path"]`` set by :func:`load_ct`. The returned image's
+    ``extra["mask_ingest"]`` says whether (and how) it was resampled.
     """
     if which not in MASK_KINDS:
         raise ValueError(f"which must be one of {MASK_KINDS}, got {which!r}")
     path = Path(path)
-    binary, affine = read_mask(path, patient_id, f"{which.upper()} mask", which=which, labels=labels,
-                               label_map=label_map)
-    img = canonical(make_image(binary, affine))
+    what = f"{which.upper()} mask"
     ref = canonical(reference_ct)
-    problem = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, context="after RAS canonicalisation")
-    if problem:
-        ref_file = reference_path or reference_ct.extra.get("source_path") or reference_ct.get_filename()
-        raise PatientInputError(patient_id, path, f"{which.upper()} {problem}; CT file: {ref_file or 'unknown'}"
-                                + _series_hint(binary.shape, reference_ct.extra.get("ingest", {})))
-    fraction = float(binary.mean())
+    ref_file = reference_path or reference_ct.extra.get("source_path") or reference_ct.get_filename()
+    hint = f"; CT file: {ref_file or 'unknown'}" + _series_hint((), reference_ct.extra.get("ingest", {}))
+    if is_dicom_seg_path(path):
+        seg = read_seg(path, patient_id, what, which, labels, label_map)
+        data = seg.resample(ref.shape, ref.affine)
+        facts = check_resampled(patient_id, path, what, seg.volume_ml(), seg.voxel_ml(), seg.points_ras(), data,
+                                ref.affine, grid_text=f"DICOM SEG of {len(seg.frames)} frame(s){hint}")
+        facts["format"] = "dicom-seg"
+    else:
+        binary, affine = read_mask(path, patient_id, what, which=which, labels=labels, label_map=label_map)
+        img = canonical(make_image(binary, affine))
+        problem = grid_mismatch(img.shape, img.affine, ref.shape, ref.affine, context="after RAS canonicalisation")
+        data = np.asarray(img.dataobj, dtype=np.uint8)
+        facts = {"format": "nifti", "resampled": False}
+        if problem:
+            hint = f"; CT file: {ref_file or 'unknown'}" + _series_hint(binary.shape, reference_ct.extra.get("ingest", {}))
+            source_ml = float(np.count_nonzero(data)) * voxel_volume_mm3(img.affine) / 1000.0
+            points = foreground_world(data, img.affine)
+            data = resample_nearest(data, img.affine, ref.shape, ref.affine)
+            facts.update(check_resampled(patient_id, path, what, source_ml, voxel_volume_mm3(img.affine) / 1000.0,
+                                         points, data, ref.affine, grid_text=f"{which.upper()} {problem}{hint}"))
+            facts["format"] = "nifti"
+    fraction = float(data.mean())
     if fraction > MAX_MASK_FRACTION:
         extent = "the whole volume" if fraction >= 0.999 else f"{100 * fraction:.0f} % of the volume"
         raise PatientInputError(patient_id, path, f"{which.upper()} mask covers {extent}: not a hemorrhage "
                                 "segmentation (an inverted mask, a wrong label value, or the CT instead of the mask?)")
     # Snap to the CT's affine so later resampling treats both as exactly one grid.
-    out = make_image(np.asarray(img.dataobj, dtype=np.uint8), ref.affine)
-    out.extra.update(source_path=str(path))
+    out = make_image(data, ref.affine)
+    out.extra.update(source_path=str(path), mask_ingest=facts)
     return out

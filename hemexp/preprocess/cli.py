@@ -26,6 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_config_arg(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("export-grid", help="write the canonical CT the pipeline works on (NIfTI, HU) for drawing "
+                       "masks in ITK-SNAP / 3D Slicer -> results/annotation/{p}_{timepoint}_ct.nii.gz")
+    p.add_argument("patient", help="patient ID (manifest patient_id)")
+    p.add_argument("--timepoint", choices=("baseline", "followup"), default="baseline",
+                   help="which CT of the manifest row (default: baseline)")
+    p.add_argument("--out", default=None, help="output .nii/.nii.gz file (default: under results_dir)")
+    add_config_arg(p)
+    p.set_defaults(func=_export_grid)
+
     p = sub.add_parser("build-template", help="build the CT template from training baselines (preprocess.template: null)")
     p.add_argument("--patients", nargs="+", required=True,
                    help="candidate patient IDs: the first preprocess.template_n_patients of them (sorted) that "
@@ -75,6 +84,36 @@ def _shard(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from hemexp.preprocess.pipeline import shard_patient
 
     print(f"{args.patient}: wrote {shareable_path(shard_patient(cfg, args.patient), results_dir=cfg['results_dir'])}")
+
+
+def _export_grid(args: argparse.Namespace) -> int:
+    """The exact canonical CT ``ingest`` writes (same loader: series choice, tilt/spacing correction, RAS+,
+    HU clip), so a mask drawn on it is on the pipeline's grid. Not a pipeline stage: a bad input is
+    reported (exit 1) but not recorded as a failed patient."""
+    import numpy as np
+
+    from hemexp.core.errors import PatientInputError
+    from hemexp.core.layout import Layout, manifest_path
+    from hemexp.io.ingest import load_ct
+    from hemexp.io.nifti import is_nifti_path, save_nifti
+    from hemexp.preprocess.pipeline import patient_row
+
+    cfg = config_from(args)  # checks the patient ID first: nothing is read or written for a hostile one
+    if args.out is not None and not is_nifti_path(args.out):
+        print(f"hemexp export-grid: --out must end in .nii or .nii.gz: {args.out}", file=sys.stderr)
+        return 2
+    out = args.out or Layout.of(cfg).annotation_grid(args.patient, args.timepoint)
+    try:
+        row = patient_row(cfg, args.patient)
+        ct = load_ct(row[f"{args.timepoint}_ct"], args.patient)
+    except PatientInputError as err:
+        print(f"hemexp export-grid: {err.shareable(manifest_path(cfg).parent, cfg['results_dir'])}", file=sys.stderr)
+        return 1
+    path = save_nifti(ct, out, np.float32)
+    shown = path if args.out else shareable_path(path, results_dir=cfg["results_dir"])
+    print(f"{args.patient}: {args.timepoint} CT grid {ct.shape} at "
+          f"{'x'.join(f'{v:.3g}' for v in np.linalg.norm(ct.affine[:3, :3], axis=0))} mm -> {shown}")
+    return 0
 
 
 def _build_template(args: argparse.Namespace) -> int:

@@ -47,6 +47,8 @@ from hemexp.preprocess.register import (
     register_patient,
     rigid_motion,
     save_native_grid,
+    template_on_grid,
+    template_similarity,
     to_model_grid,
 )
 from hemexp.preprocess.skullstrip import brain_mask
@@ -278,7 +280,8 @@ def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path
         vols = _resample_all(src, tmp)
         write_on_grid(grid, vols, tmp)
         t2 = time.perf_counter()
-        summary = _summary(cfg, patient_id, row, ingest, grid, vols)
+        on_template = template_on_grid(template, tmask, grid)  # (template HU, template brain mask) on the grid
+        summary = _summary(cfg, patient_id, row, ingest, grid, vols, on_template)
         summary["registration"].update(
             bl_to_template=rigid_motion(tdir / BL_TO_TEMPLATE), fu_to_bl=rigid_motion(tdir / FU_TO_BL),
             template=shareable_path(template_paths(cfg)[0], manifest_path(cfg).parent, cfg["results_dir"]),
@@ -290,7 +293,7 @@ def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path
                                "allowed_slice_scale_change": pre["max_identity_slice_scale_change"]}
         _check(summary, row, patient_id, pre["min_brain_dice"], pre["min_identity_ncc"], pre["max_identity_scale_change"],
                pre["max_identity_slice_scale_change"])
-        qc_figure(vols, pre["hu_window"], tmp / "qc.png", _qc_title(summary))
+        qc_figure(vols, pre["hu_window"], tmp / "qc.png", _qc_title(summary), on_template[1], grid.spacing)
         t3 = time.perf_counter()
         summary["timings_s"].update(registration_total=t1 - t0, rigid=timings["rigid"], affine=timings["affine"],
                                     resample=t2 - t1, qc=t3 - t2)
@@ -298,7 +301,14 @@ def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path
     return summary
 
 
-def _summary(cfg: dict[str, Any], pid: str, row: pd.Series, ingest: dict, grid, vols: dict) -> dict[str, Any]:
+def _summary(cfg: dict[str, Any], pid: str, row: pd.Series, ingest: dict, grid, vols: dict,
+             on_template: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """``summary.json`` of one patient. ``on_template`` (template HU, template brain mask on the model
+    grid) adds ``registration.template_similarity`` (:func:`template_similarity`: Dice, NCC, centroid offset)."""
+    registration: dict[str, Any] = {"brain_dice": dice(vols["bl_brain"], vols["fu_brain"])}
+    if on_template is not None:
+        registration["template_similarity"] = template_similarity(
+            vols["bl_ct"], vols["bl_brain"], *on_template, grid.spacing, tuple(cfg["preprocess"]["hu_window"]))
     native = ingest["volumes_ml"]
     on_grid = _grid_volumes(vols, grid.spacing)
     expansion = is_expansion(native["baseline"]["iph"], native["followup"]["iph"])
@@ -312,7 +322,7 @@ def _summary(cfg: dict[str, Any], pid: str, row: pd.Series, ingest: dict, grid, 
         "expansion": bool(expansion),
         "manifest_expansion": bool(manifest_exp) if manifest_exp is not None and np.isfinite(manifest_exp) else None,
         "warnings": _warnings(native, on_grid, row, expansion),
-        "registration": {"brain_dice": dice(vols["bl_brain"], vols["fu_brain"])},
+        "registration": registration,
         "grid": {"spacing_mm": list(grid.spacing), "shape": list(grid.shape)},
         "native_slice_thickness_mm": float(ingest["native"]["bl"]["spacing_mm"][2]),
         "clinical": {name: float(row[name]) for name in CLINICAL_NAMES},
@@ -344,7 +354,15 @@ def _qc_title(summary: dict[str, Any]) -> str:
     v = summary["volumes_ml"]
     return (f"{summary['patient_id']} ({summary['split']}, site {summary['site']})  IPH {v['baseline']['iph']:.1f} -> "
             f"{v['followup']['iph']:.1f} mL, IVH {v['baseline']['ivh']:.1f} -> {v['followup']['ivh']:.1f} mL, "
-            f"expansion={int(summary['expansion'])}, brain Dice {summary['registration']['brain_dice']:.3f}")
+            f"expansion={int(summary['expansion'])}, brain Dice {summary['registration']['brain_dice']:.3f}{_template_note(summary)}")
+
+
+def _template_note(summary: dict[str, Any]) -> str:
+    sim = summary["registration"].get("template_similarity")
+    if not sim:
+        return ""
+    return (f"\ntemplate fit: brain Dice {sim['brain_dice']:.3f}, NCC {sim['ncc']:.3f}, "
+            f"centroid offset {sim['centroid_offset_mm']:.1f} mm")
 
 
 # ---------------------------------------------------------------- shard

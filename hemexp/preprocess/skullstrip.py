@@ -55,6 +55,13 @@ RIM_MM = 3.0
 RIM_HU = 150.0  # above acute blood (<= ~100 HU) plus noise; ~10 % bone in a voxel reads above it
 METHODS = ("auto", "builtin", "synthstrip")
 SYNTHSTRIP = "mri_synthstrip"
+# preprocess.brain_volume_ml is an intracranial-volume (ICV) bound: the strip keeps everything inside the
+# inner table (brain, CSF, ventricles, blood). Adult ICV is typically ~1100-1900 mL (males larger, about
+# 1300-1900; females about 1100-1600); the real CT template's own intracranial mask is 1920 mL and the
+# built-in strip measures template-based heads at ~1995 mL. The default leaves margin for large heads
+# and a strip that keeps a little extra CSF, while a mask far outside still flags a failed strip.
+VOLUME_RANGE_ML = (700.0, 2400.0)
+TYPICAL_ICV_ML = (1100, 1900)
 
 
 def _dilate(mask: np.ndarray, radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
@@ -210,7 +217,7 @@ def brain_mask(
     ct: nib.Nifti1Image,
     method: str = "auto",
     patient_id: str = "unknown",
-    volume_range_ml: tuple[float, float] = (800.0, 2000.0),
+    volume_range_ml: tuple[float, float] = VOLUME_RANGE_ML,
 ) -> tuple[nib.Nifti1Image, dict]:
     """Brain mask (uint8 {0,1}, canonical grid of ``ct``) and an info dict.
 
@@ -230,12 +237,26 @@ def brain_mask(
     info = {"method": used, "brain_volume_ml": round(volume, 2), "volume_range_ml": list(volume_range_ml),
             "time_s": round(time.perf_counter() - start, 3)}
     log.info("patient %s: brain mask by %s, %.0f mL in %.2f s", patient_id, used, volume, info["time_s"])
-    lo, hi = volume_range_ml
-    if not lo <= volume <= hi:
+    why = volume_problem(volume, volume_range_ml, used)
+    if why is not None:
         src = ct.extra.get("source_path") or ct.get_filename()
-        raise PatientInputError(patient_id, src, f"implausible brain volume {volume:.0f} mL from {used} skull "
-                                f"stripping (expected {lo:g}-{hi:g} mL): not a head CT, or extraction failed")
+        raise PatientInputError(patient_id, src, why)
     return make_image(mask.astype(np.uint8), ct.affine), info
+
+
+def volume_problem(volume_ml: float, volume_range_ml: tuple[float, float], method: str = "builtin") -> str | None:
+    """Why a brain-mask volume is implausible (which bound of ``preprocess.brain_volume_ml`` it crossed
+    and what that usually means), or None when it is inside the range."""
+    lo, hi = volume_range_ml
+    typical = f"adult intracranial volume is typically {TYPICAL_ICV_ML[0]}-{TYPICAL_ICV_ML[1]} mL"
+    if volume_ml > hi:
+        return (f"implausible brain volume {volume_ml:.0f} mL ({method} skull strip): brain mask {volume_ml:.0f} mL is above "
+                f"preprocess.brain_volume_ml[1] = {hi:g} mL ({typical}): is the skull strip leaking into the scalp?")
+    if volume_ml < lo:
+        return (f"implausible brain volume {volume_ml:.0f} mL ({method} skull strip): brain mask {volume_ml:.0f} mL is below "
+                f"preprocess.brain_volume_ml[0] = {lo:g} mL ({typical}): partial coverage or a failed strip "
+                "(or not a head CT)?")
+    return None
 
 
 def apply_mask(ct: nib.Nifti1Image, mask: nib.Nifti1Image, background_hu: float = 0.0) -> nib.Nifti1Image:
