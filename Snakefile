@@ -45,6 +45,7 @@ rule all:
 
 onsuccess:
     shell(f"hemexp failures --results {RESULTS}")
+    shell(f"hemexp rule-times --results {RESULTS}")
     build_report(
         workflow, str(L.report)
     )  # <results>/report.html after a full run (hemexp.workflow.report)
@@ -52,3 +53,4 @@ onsuccess:
 
 onerror:
     shell(f"hemexp failures --results {RESULTS}")
+    shell(f"hemexp rule-times --results {RESULTS}")

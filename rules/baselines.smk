@@ -38,6 +38,8 @@ if NNUNET_BASELINES and TEST:
             dataset_json=str(NNUNET.raw_dataset / "dataset.json"),
         log:
             str(L.log("nnunet", "export")),
+        benchmark:
+            str(L.benchmark("nnunet_export", L.log("nnunet", "export")))
         conda:
             HEMEXP_ENV
         resources:
@@ -57,6 +59,8 @@ if NNUNET_BASELINES and TEST:
             [str(p) for p in heldout_image_paths(config, "{patient}")],
         log:
             str(L.log("nnunet", "export_test_{patient}")),
+        benchmark:
+            str(L.benchmark("nnunet_export_test", L.log("nnunet", "export_test_{patient}")))
         wildcard_constraints:
             patient=NNUNET_TEST_RE,
         conda:
@@ -76,6 +80,8 @@ if NNUNET_BASELINES and TEST:
             directory(str(NNUNET.preprocessed_dataset)),
         log:
             str(L.log("nnunet", "plan")),
+        benchmark:
+            str(L.benchmark("nnunet_plan", L.log("nnunet", "plan")))
         conda:
             NNUNET_ENV
         resources:
@@ -93,6 +99,8 @@ if NNUNET_BASELINES and TEST:
             directory(str(NNUNET.fold_dir(NNUNET_TRAINER, "{configuration}", "{fold}"))),
         log:
             str(L.log("nnunet", "train_{configuration}_fold{fold}")),
+        benchmark:
+            str(L.benchmark("nnunet_train", L.log("nnunet", "train_{configuration}_fold{fold}")))
         wildcard_constraints:
             configuration="2d|3d_fullres",
             fold="all|[0-4]",
@@ -115,6 +123,8 @@ if NNUNET_BASELINES and TEST:
             str(NNUNET.prediction("{configuration}", "{patient}")),
         log:
             str(L.log("nnunet", "predict_{configuration}_{patient}")),
+        benchmark:
+            str(L.benchmark("nnunet_predict", L.log("nnunet", "predict_{configuration}_{patient}")))
         wildcard_constraints:
             configuration="2d|3d_fullres",
             patient=NNUNET_TEST_RE,
@@ -138,6 +148,8 @@ if NNUNET_BASELINES and TEST:
             ivh=str(L.baseline_masks("{baseline}", "{patient}") / "ivh.nii.gz"),
         log:
             str(L.log("nnunet", "masks_{baseline}_{patient}")),
+        benchmark:
+            str(L.benchmark("nnunet_masks", L.log("nnunet", "masks_{baseline}_{patient}")))
         wildcard_constraints:
             baseline="|".join(NNUNET_BASELINES),
             patient=NNUNET_TEST_RE,

@@ -20,6 +20,8 @@ if config["cohort"]["source"] == "synthetic":
             ],
         log:
             str(L.log("synth")),
+        benchmark:
+            str(L.benchmark("synth", L.log("synth")))
         conda:
             HEMEXP_ENV
         resources:
@@ -39,6 +41,8 @@ rule validate_manifest:
         str(L.manifest_check),
     log:
         str(L.log("validate_manifest")),
+    benchmark:
+        str(L.benchmark("validate_manifest", L.log("validate_manifest")))
     conda:
         HEMEXP_ENV
     resources:
@@ -57,6 +61,8 @@ rule cohort_table:
         md=report(str(L.table1("md")), category="1. Cohort", caption="../report/cohort.rst"),
     log:
         str(L.log("cohort_table")),
+    benchmark:
+        str(L.benchmark("cohort_table", L.log("cohort_table")))
     conda:
         HEMEXP_ENV
     resources:

@@ -42,6 +42,8 @@ rule encode:
         str(L.latents("{patient}")),
     log:
         str(L.log("encode", "{patient}")),
+    benchmark:
+        str(L.benchmark("encode", L.log("encode", "{patient}")))
     wildcard_constraints:
         patient=ENCODE_PATIENT_RE,
     conda:
@@ -66,6 +68,8 @@ if not STATS_FROZEN:
             LATENT_STATS,
         log:
             str(L.log("latent_stats")),
+        benchmark:
+            str(L.benchmark("latent_stats", L.log("latent_stats")))
         conda:
             HEMEXP_ENV
         resources:
@@ -95,6 +99,8 @@ if TRAINABLE_VARIANTS:
             summary=str(L.diffusion_dir("{variant}") / "summary.json"),
         log:
             str(L.log("train_diffusion", "{variant}")),
+        benchmark:
+            str(L.benchmark("train_diffusion", L.log("train_diffusion", "{variant}")))
         wildcard_constraints:
             variant=TRAINABLE_RE,
         conda:

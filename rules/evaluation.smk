@@ -74,6 +74,8 @@ if TEST:
             ),
         log:
             str(L.log("evaluate")),
+        benchmark:
+            str(L.benchmark("evaluate", L.log("evaluate")))
         conda:
             HEMEXP_ENV
         resources:
@@ -139,6 +141,8 @@ if PERTURB_VARIANT and TEST:
             ],
         log:
             str(L.log("perturb")),
+        benchmark:
+            str(L.benchmark("perturb", L.log("perturb")))
         conda:
             HEMEXP_ENV
         resources:

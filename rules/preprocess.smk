@@ -30,6 +30,8 @@ rule ingest:
         [str(L.ingested("{patient}") / f) for f in INGEST_FILES],
     log:
         str(L.log("ingest", "{patient}")),
+    benchmark:
+        str(L.benchmark("ingest", L.log("ingest", "{patient}")))
     wildcard_constraints:
         patient=PATIENT_RE,
     conda:
@@ -62,6 +64,8 @@ if not config["preprocess"]["template"]:
             info=str(template_info_path(config)),
         log:
             str(L.log("build_template")),
+        benchmark:
+            str(L.benchmark("build_template", L.log("build_template")))
         conda:
             HEMEXP_ENV
         resources:
@@ -88,6 +92,8 @@ rule preprocess:
         preprocessed("{patient}"),
     log:
         str(L.log("preprocess", "{patient}")),
+    benchmark:
+        str(L.benchmark("preprocess", L.log("preprocess", "{patient}")))
     wildcard_constraints:
         patient=PATIENT_RE,
     conda:
@@ -111,6 +117,8 @@ rule shard:
         str(L.shard("{patient}")),
     log:
         str(L.log("shard", "{patient}")),
+    benchmark:
+        str(L.benchmark("shard", L.log("shard", "{patient}")))
     wildcard_constraints:
         patient=PATIENT_RE,
     conda:

@@ -23,6 +23,8 @@ if not CLASSIFIER_FROZEN:
             metrics=str(L.classifier_dir / "metrics.json"),
         log:
             str(L.log("train_classifier")),
+        benchmark:
+            str(L.benchmark("train_classifier", L.log("train_classifier")))
         conda:
             HEMEXP_ENV
         resources:
@@ -45,6 +47,8 @@ rule eval_classifier:
         predictions=str(L.metric("classifier_predictions.tsv")),
     log:
         str(L.log("eval_classifier")),
+    benchmark:
+        str(L.benchmark("eval_classifier", L.log("eval_classifier")))
     conda:
         HEMEXP_ENV
     resources:
@@ -61,6 +65,7 @@ rule sample:
     the model grid and in native space, volumes.tsv, summary.json, figure.png."""
     input:
         preprocessed=preprocessed("{patient}"),
+        ingested=[str(L.native_baseline_ct("{patient}")), str(L.ingest_facts("{patient}"))],  # dicom/ outputs
         model=DIFFUSION_MODEL,
         vae=VAE_MODEL,
         stats=LATENT_STATS,
@@ -79,6 +84,8 @@ rule sample:
         samples=[f"{SAMPLE_DIR}/{f}" for f in SAMPLE_FILES],
     log:
         str(L.log("sample", "{variant}", "{patient}")),
+    benchmark:
+        str(L.benchmark("sample", L.log("sample", "{variant}", "{patient}")))
     wildcard_constraints:
         variant=one_of(SAMPLED),
         patient=PATIENT_ID_PATTERN,
@@ -100,6 +107,7 @@ if FLAG_PASSES:
         adherence), same settings and products as rule sample."""
         input:
             preprocessed=preprocessed("{patient}"),
+            ingested=[str(L.native_baseline_ct("{patient}")), str(L.ingest_facts("{patient}"))],  # dicom/ outputs
             model=DIFFUSION_MODEL,
             vae=VAE_MODEL,
             stats=LATENT_STATS,
@@ -119,6 +127,8 @@ if FLAG_PASSES:
             samples=[f"{FLAG_PASS_DIR}/{f}" for f in SAMPLE_FILES],
         log:
             str(L.log("sample_{source}", "{variant}", "{patient}")),
+        benchmark:
+            str(L.benchmark("sample_flag_source", L.log("sample_{source}", "{variant}", "{patient}")))
         wildcard_constraints:
             source=one_of(FLAG_PASSES),
             variant=one_of({v for vs in FLAG_PASSES.values() for v in vs}),

@@ -17,6 +17,8 @@ if not VAE_FROZEN:
             VAE_MODEL,
         log:
             str(L.log("train_vae")),
+        benchmark:
+            str(L.benchmark("train_vae", L.log("train_vae")))
         conda:
             HEMEXP_ENV
         resources:
@@ -40,6 +42,8 @@ rule eval_vae:
         figure=report(str(L.figure("vae_reconstructions.png")), category="2. VAE"),
     log:
         str(L.log("eval_vae")),
+    benchmark:
+        str(L.benchmark("eval_vae", L.log("eval_vae")))
     conda:
         HEMEXP_ENV
     resources:

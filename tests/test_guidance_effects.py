@@ -172,3 +172,42 @@ def test_read_truth_round_trip(tmp_path):
     assert law == LAW
     assert table["patient_id"].tolist() == ["A001", "B002"] and table.loc[1, "split"] == "test"
     assert table.loc[0, "sbp"] == 230.0
+
+
+def test_flag_conditional_law_matches_monte_carlo_and_mixes_to_the_unconditional():
+    from hemexp.cohort.synth.law import (
+        expansion_eta_threshold,
+        expected_followup_given_flag,
+        expected_growth,
+        linear_predictor,
+    )
+
+    for law in (LAW, {**LAW, "intercept": -0.5, "noise_sd": 0.5, "max_relative_growth": 1.5}):
+        g = expected_growth(CLIN, law)
+        e1, e0 = (expected_followup_given_flag(CLIN, law, f) for f in (1, 0))
+        assert g["p_expansion"] * e1 + (1 - g["p_expansion"]) * e0 == pytest.approx(g["expected_followup_ml"])
+        eta = linear_predictor(CLIN, law) + np.random.default_rng(0).normal(0, law["noise_sd"], 400_000)
+        fu = CLIN["baseline_iph_ml"] * (1 + np.minimum(np.exp(eta), law["max_relative_growth"]))
+        grows = eta >= expansion_eta_threshold(CLIN["baseline_iph_ml"])
+        assert e1 == pytest.approx(fu[grows].mean(), rel=2e-3) and e0 == pytest.approx(fu[~grows].mean(), rel=2e-3)
+        assert e1 > g["expected_followup_ml"] > e0
+
+
+def test_learned_vs_true_with_the_flag_held_fixed_compares_like_with_like(scenarios):
+    from hemexp.cohort.synth.law import expected_followup_given_flag
+
+    single, _ = scenarios
+    clinical = pd.DataFrame([CLIN, {**CLIN, "patient_id": "P2", "onset_to_ct_h": 2.0, "sbp": 150.0}])
+    chosen = {k: single[k] for k in (UNPERTURBED, "anticoagulant_toggled")}
+    flags = {"P1": 1, "P2": 0}
+    rows = []
+    for row in clinical.to_dict("records"):  # a model that learned the flag-conditional law exactly
+        f = flags[row["patient_id"]]
+        for name, scen in chosen.items():
+            fu = expected_followup_given_flag(apply_scenario(row, scen), LAW, f)
+            rows += [{"patient_id": row["patient_id"], "scenario": name, "sample": s, "flag": f, "total_ml": fu}
+                     for s in range(2)]
+    like = learned_vs_true(pd.DataFrame(rows), clinical, chosen, LAW, condition_on_flag=True)
+    assert np.allclose(like["learned_delta_ml_mean"], like["true_delta_ml_mean"])
+    unlike = learned_vs_true(pd.DataFrame(rows), clinical, chosen, LAW)  # against the unconditional law
+    assert not np.allclose(unlike["learned_delta_ml_mean"], unlike["true_delta_ml_mean"], rtol=0.05)

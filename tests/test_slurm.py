@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 from workflow_helpers import (
@@ -167,6 +168,8 @@ def test_pipeline_runs_end_to_end_through_the_slurm_profile(slurm_cluster, tmp_p
     assert {"synth", "validate_manifest", "cohort_table", "ingest"} <= ran
     logs = {p.name for p in (tmp_path / ".snakemake" / "slurm_logs").iterdir()}
     assert {f"rule_{r}" for r in ran} <= logs  # every job went through sbatch (one log folder per rule)
+    times = pd.read_csv(tmp_path / "results" / "benchmarks" / "rule_times.tsv", sep="\t").set_index("rule")
+    assert ran <= set(times.index) and times.loc["ingest", "jobs"] >= 1  # onsuccess: every job's time by rule
     if slurm_cluster.started:  # our own cluster: its queue holds exactly this session's jobs
         done = {c.split("_wildcards_")[0] for c, state in _slurm_jobs() if state == "COMPLETED"}
         assert {f"rule_{r}" for r in ran} <= done

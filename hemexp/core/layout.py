@@ -28,6 +28,13 @@ BASELINE_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz")
 MAP_KINDS = ("iph", "ivh", "new")
 SAMPLE_STRUCTURES = ("ct", "iph", "ivh")
 SAMPLE_MASK = "samples/sample_{k:02d}_{structure}.nii.gz"
+# Optional DICOM outputs of a sample folder (sampling.dicom_output; see hemexp.io.dicom_seg): not rule
+# outputs, since whether they exist depends on the patient's input format.
+DICOM_DIR = "dicom"
+DICOM_CT_DIR = "ct"  # CT{k:04d}.dcm, one file per slice
+DICOM_SEG_BINARY = "seg_median.dcm"
+DICOM_SEG_FRACTIONAL = "seg_probability.dcm"
+DICOM_SIDECAR = "dicom.json"
 
 
 def sample_files(n_samples: int, structures: tuple[str, ...] = SAMPLE_STRUCTURES) -> list[str]:
@@ -153,6 +160,18 @@ class Layout:
     def samples(self, variant: str, patient: str, flag_source: str | None = None) -> Path:
         return self.samples_root(flag_source) / variant / patient
 
+    def samples_dicom(self, variant: str, patient: str, flag_source: str | None = None) -> Path:
+        """The optional ``dicom/`` folder of a sample set (de-identified CT series, SEGs, sidecar)."""
+        return self.samples(variant, patient, flag_source) / DICOM_DIR
+
+    def ingest_facts(self, patient: str) -> Path:
+        """``ingest.json``: the source format of each timepoint (what ``sampling.dicom_output: auto`` reads)."""
+        return self.ingested(patient) / "ingest.json"
+
+    def native_baseline_ct(self, patient: str) -> Path:
+        """The ingested baseline CT: the native grid that sample maps are mapped back to."""
+        return self.ingested(patient) / "bl_ct.nii.gz"
+
     # ------------------------------------------------------------------ baselines
     @property
     def nnunet_dir(self) -> Path:
@@ -187,6 +206,24 @@ class Layout:
         if not keys:
             return self.root / "logs" / f"{name}.log"
         return self.root / "logs" / name / Path(*keys[:-1]) / f"{keys[-1]}.log"
+
+    def benchmark(self, rule: str, log: str | Path) -> Path:
+        """``benchmarks/<rule>/<the job's log path below logs/>.tsv``: Snakemake's per-job time and memory
+        record, keyed like the job's log so one file per job, grouped by rule for the time table."""
+        relative = Path(log).relative_to(self.root / "logs")
+        return self.root / "benchmarks" / rule / relative.with_suffix(".tsv")
+
+    @property
+    def benchmarks_dir(self) -> Path:
+        return self.root / "benchmarks"
+
+    @property
+    def rule_times_table(self) -> Path:
+        return self.root / "benchmarks" / "rule_times.tsv"
+
+    @property
+    def rule_times_rst(self) -> Path:
+        return self.root / "benchmarks" / "rule_times.rst"
 
     @property
     def failures_dir(self) -> Path:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hemexp.core.commands import add_config_arg, config_from, patient_stage
 from hemexp.core.layout import Layout
+
+if TYPE_CHECKING:
+    from hemexp.sampling.simulate import DicomRequest
 
 
 def _sampler_args(p: argparse.ArgumentParser) -> None:
@@ -108,11 +111,30 @@ def _sample(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     summary = simulate_patient(bundle, patient, plan, _settings(cfg, args), cfg["sampling"],
                                cfg["preprocess"]["hu_window"], out, args.variant,
                                extra={"split": pre.get("split"), "site": pre.get("site"),
-                                      "flag_used_by_model": bool(bundle.diffusion.uses_flag)})
+                                      "flag_used_by_model": bool(bundle.diffusion.uses_flag)},
+                               dicom=_dicom_request(cfg, args.patient, args.variant, plan.source))
     fu = summary["followup_ml"]
     print(f"{args.patient} {args.variant}: {plan.n_samples} samples ({plan.source}, p={plan.p:.2f}); IPH median "
           f"{fu['iph']['median']:.1f} mL, P(expansion) {summary['p_expansion']:.2f}, "
           f"{summary['timings_s']['total_s']:.1f} s -> {out}")
+
+
+def _dicom_request(cfg: dict[str, Any], patient_id: str, variant: str, flag_source: str) -> DicomRequest | None:
+    """``sampling.dicom_output`` resolved for one patient (``auto``: on when ingest read a DICOM baseline
+    CT, as recorded in ``ingest.json``); None when off."""
+    from hemexp.core.config import config_hash
+    from hemexp.core.files import read_json
+    from hemexp.io.dicom_seg import dicom_output_enabled, hemexp_version
+    from hemexp.sampling.simulate import DicomRequest
+
+    layout = Layout.of(cfg)
+    facts = layout.ingest_facts(patient_id)
+    fmt = read_json(facts)["native"]["bl"]["source"].get("format") if facts.is_file() else None
+    if not dicom_output_enabled(cfg["sampling"].get("dicom_output", "auto"), fmt):
+        return None
+    return DicomRequest(layout.native_baseline_ct(patient_id),
+                        {"model": {"hemexp_version": hemexp_version(), "variant": variant, "flag_source": str(flag_source)},
+                         "config_hash": config_hash(cfg), "baseline_input_format": fmt})
 
 
 def _classifier_table(cfg: dict[str, Any], ids: list[str] | None) -> Any:

@@ -17,6 +17,7 @@ Layout of ``results/samples/{v}/{p}/`` (model grid unless under ``native/``)::
     native/sample_{k:02d}_{ct,iph,ivh}.nii.gz       the samples on the native baseline scan's grid
     native/{iph,ivh,new}_prob.nii.gz                mixed maps on the native grid
     volumes.tsv  summary.json  figure.png
+    dicom/                                          optional DICOM outputs (:func:`write_dicom_products`)
 
 Native mapping uses the patient's saved transforms through :func:`hemexp.preprocess.register.to_native`
 (CT and maps linear, masks with the label interpolator).
@@ -33,7 +34,8 @@ import pandas as pd
 
 from hemexp.core.clinical import is_expansion, mask_volume_ml
 from hemexp.core.files import atomic_path
-from hemexp.io.nifti import make_image, save_nifti
+from hemexp.core.layout import DICOM_DIR
+from hemexp.io.nifti import make_image, read_volume, save_nifti
 from hemexp.io.shards import volume_from_slices
 from hemexp.preprocess.register import to_native
 from hemexp.sampling.flags import FlagPlan
@@ -191,3 +193,44 @@ def write_products(out: Path, vols: dict[str, np.ndarray], maps: dict[str, np.nd
         table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
     return files
 
+
+
+def median_sample(table: pd.DataFrame) -> int:
+    """The sample whose total (IPH + IVH) follow-up volume is the median of the samples' (for an even
+    count the lower median; equal totals in sample order): one real, coherent sample to show as a binary
+    SEG, where an average of masks would be no sample at all."""
+    totals = table["total_ml"].to_numpy(dtype=np.float64)
+    samples = table["sample"].to_numpy()
+    order = np.lexsort((samples, totals))
+    return int(samples[order[(len(order) - 1) // 2]])
+
+
+def dicom_sidecar(table: pd.DataFrame, summary: dict[str, Any], k: int, facts: dict[str, Any]) -> dict[str, Any]:
+    """What a DICOM reader needs beside the SEGs: the numbers of summary.json that the SEGs cannot carry."""
+    row = table.loc[table["sample"] == k].iloc[0]
+    return {"median_sample": k,
+            "median_sample_ml": {key: float(row[f"{key}_ml"]) for key in ("iph", "ivh", "total", "new")},
+            "baseline_ml": summary["baseline_ml"], "followup_ml": summary["followup_ml"],
+            "p_expansion": summary["p_expansion"], "p_expansion_by_flag": summary["p_expansion_by_flag"],
+            "p_ivh": summary["p_ivh"], "n_samples": summary.get("n_samples", len(table)),
+            "variant": summary.get("variant"), "flag": summary.get("flag"), "seed": summary.get("seed"),
+            "guidance_scale": summary.get("guidance_scale"), "volumes_grid": "model", "maps_grid": "native",
+            **facts}
+
+
+def write_dicom_products(out: Path, table: pd.DataFrame, summary: dict[str, Any], native_ct: Path,
+                         facts: dict[str, Any]) -> list[str]:
+    """``out/dicom/``: the native baseline CT as a de-identified series, the median sample's IPH/IVH as a
+    binary SEG and the native probability maps as a fractional SEG (:mod:`hemexp.io.dicom_seg`), from the
+    native products :func:`write_products` has just written into ``out``. ``facts`` (model version,
+    config hash) go into the sidecar. Returns the written files relative to ``out``."""
+    from hemexp.io.dicom_seg import write_dicom_outputs
+
+    pid = str(summary["patient_id"])
+    k = median_sample(table)
+    data, affine = read_volume(native_ct, pid, what="native baseline CT")
+    masks = {key: read_volume(out / f"native/sample_{k:02d}_{key}.nii.gz", pid)[0] for key in ("iph", "ivh")}
+    maps = {kind: read_volume(out / f"native/{kind}_prob.nii.gz", pid)[0] for kind in MAP_KINDS}
+    write_dicom_outputs(out / DICOM_DIR, make_image(data, affine), masks, maps, pid,
+                        dicom_sidecar(table, summary, k, facts))
+    return sorted(str(p.relative_to(out)) for p in (out / DICOM_DIR).rglob("*") if p.is_file())

@@ -36,7 +36,7 @@ from hemexp.core.errors import PatientInputError
 from hemexp.core.files import atomic_dir, read_json, write_json
 from hemexp.core.layout import Layout
 from hemexp.io.masks import read_mask
-from hemexp.io.nifti import affine_spacing_mm, make_image, spacing_mm
+from hemexp.io.nifti import affine_spacing_mm, make_image, save_nifti, spacing_mm
 from hemexp.preprocess.pipeline import (
     KINDS,
     lesion_safe_brain,
@@ -61,6 +61,7 @@ from hemexp.sampling.products import (
     sample_volumes,
     summarise,
     volume_table,
+    write_dicom_products,
     write_products,
 )
 from hemexp.sampling.sampler import generate_followups, load_bundle
@@ -77,6 +78,15 @@ class PatientInput:
     patient_dir: Path
     clinical: dict[str, float]
     followup: dict[str, np.ndarray] | None = None  # true follow-up IPH/IVH on the model grid, if known
+
+
+@dataclass(frozen=True)
+class DicomRequest:
+    """Write DICOM outputs: the native baseline CT NIfTI they are built on, and sidecar facts (model
+    version, config hash) that only the caller knows."""
+
+    native_ct: Path
+    facts: Mapping[str, Any]
 
 
 def load_baseline(patient: PatientInput) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -100,10 +110,13 @@ def load_baseline(patient: PatientInput) -> tuple[dict[str, np.ndarray], np.ndar
 
 def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, settings: Any, sampling_cfg: Mapping[str, Any],
                      hu_window: Sequence[float], out_dir: str | Path, variant: str, progress: Any = None,
-                     extra: Mapping[str, Any] | None = None, copy_dirs: Mapping[str, Path] | None = None) -> dict[str, Any]:
+                     extra: Mapping[str, Any] | None = None, copy_dirs: Mapping[str, Path] | None = None,
+                     dicom: DicomRequest | None = None) -> dict[str, Any]:
     """Sample ``plan``'s follow-ups of one patient and write every product into ``out_dir`` (atomic).
 
-    ``extra`` is merged into summary.json; ``copy_dirs`` (name -> folder) are copied into the products.
+    ``extra`` is merged into summary.json; ``copy_dirs`` (name -> folder) are copied into the products;
+    ``dicom`` (when given and the patient has native transforms) adds ``dicom/``
+    (:func:`hemexp.sampling.products.write_dicom_products`).
     """
 
     t0 = time.perf_counter()
@@ -137,6 +150,8 @@ def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, setting
             shutil.copytree(src, tmp / name)
         sample_figure(tmp / "figure.png", baseline, split, maps, table, summary, fs.zs, patient.followup)
         summary["files"] = write_products(tmp, split, maps, table, affine, patient.patient_dir if native else None)
+        if dicom is not None and native:
+            summary["files"]["dicom"] = write_dicom_products(tmp, table, summary, dicom.native_ct, dict(dicom.facts))
         summary["timings_s"] = {**timings, "write_s": time.perf_counter() - t2, "total_s": time.perf_counter() - t0}
         write_json(tmp / "summary.json", summary)
     return summary
@@ -146,13 +161,14 @@ def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, setting
 
 
 def prepare_baseline(cfg: dict[str, Any], patient_id: str, ct_path: str | Path, iph_path: str | Path,
-                     ivh_path: str | Path | None, out_dir: str | Path) -> dict[str, Any]:
+                     ivh_path: str | Path | None, out_dir: str | Path, native_ct: Path | None = None) -> dict[str, Any]:
     """Ingest, skull-strip, register (rigid, to the template) and resample one baseline scan.
 
     Writes ``bl_{ct,iph,ivh}.nii.gz``, ``brain_bl.nii.gz``, ``transforms/`` and ``summary.json`` into
     ``out_dir`` — the subset of ``results/preprocessed/{p}/`` that sampling and :func:`to_native` need.
     ``ivh_path`` None means no IVH (an empty mask); the same path for IPH and IVH means a label map
-    (``cohort.mask_labels``). Returns the summary.
+    (``cohort.mask_labels``). ``native_ct``: also save the ingested (native-grid) CT there, the base of
+    the DICOM outputs. Returns the summary.
     """
 
     pre = cfg["preprocess"]
@@ -164,6 +180,8 @@ def prepare_baseline(cfg: dict[str, Any], patient_id: str, ct_path: str | Path, 
         raise PatientInputError(patient_id, iph_path, "baseline IPH mask is empty (no hemorrhage to model)")
     brain, strip = lesion_safe_brain(ct, masks["iph"], masks["ivh"], cfg, patient_id)
     stripped = skull_stripped(ct, brain)
+    if native_ct is not None:
+        save_nifti(ct, native_ct, np.float32)
     t1 = time.perf_counter()
     template, _, grid = template_grid(cfg)
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="hemexp_sim_") as work:
@@ -293,6 +311,18 @@ def resolve_template(cfg: dict[str, Any], args: Any, files: Mapping[str, Path | 
     return cfg
 
 
+def simulate_dicom_request(cfg: dict[str, Any], ct_path: str | Path, native_ct: Path, variant: str) -> DicomRequest | None:
+    """``sampling.dicom_output`` for ``hemexp simulate`` (``auto``: on when ``ct_path`` is a DICOM folder)."""
+    from hemexp.core.config import config_hash
+    from hemexp.io.dicom_seg import dicom_output_enabled, hemexp_version
+
+    fmt = "dicom" if Path(ct_path).is_dir() else "nifti"
+    if not dicom_output_enabled(cfg["sampling"].get("dicom_output", "auto"), fmt):
+        return None
+    return DicomRequest(native_ct, {"model": {"hemexp_version": hemexp_version(), "variant": variant},
+                                    "config_hash": config_hash(cfg), "baseline_input_format": fmt})
+
+
 def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
     """``hemexp simulate``: preprocess the baseline, sample, write products, print the summary table."""
 
@@ -315,7 +345,9 @@ def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
     scenario = scenario_from_sets(args.overrides)
     with tempfile.TemporaryDirectory(prefix="hemexp_simulate_") as work:
         prep_dir = Path(work) / "baseline"
-        prep = prepare_baseline(cfg, args.patient_id, args.ct, args.iph, args.ivh, prep_dir)
+        dicom = simulate_dicom_request(cfg, args.ct, Path(work) / "native_bl_ct.nii.gz", variant)
+        prep = prepare_baseline(cfg, args.patient_id, args.ct, args.iph, args.ivh, prep_dir,
+                                None if dicom is None else dicom.native_ct)
         native = prep["volumes_ml"]["baseline"]
         clinical = clinical_values(given, native["iph"])
         used = {k: float(v) for k, v in apply_scenario(clinical, scenario).items()}
@@ -332,7 +364,7 @@ def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
         with _progress(args.no_progress) as progress:
             summary = simulate_patient(bundle, PatientInput(args.patient_id, prep_dir, used), plan, settings,
                                        cfg["sampling"], cfg["preprocess"]["hu_window"], args.out, variant,
-                                       progress=progress, extra=extra, copy_dirs={"baseline": prep_dir})
+                                       progress=progress, extra=extra, copy_dirs={"baseline": prep_dir}, dicom=dicom)
     print_summary(summary, args.out)
     return 0
 

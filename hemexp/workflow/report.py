@@ -42,8 +42,10 @@ def build_report(workflow: Any, report_path: str) -> int | None:
     from pathlib import Path
 
     from hemexp.core.errors import collect_failures
+    from hemexp.workflow.benchmarks import collect_rule_times
 
     collect_failures(Path(report_path).parent)  # qc/failures.rst, included by report/workflow.rst
+    collect_rule_times(Path(report_path).parent)  # benchmarks/rule_times.rst, included there too
     code = subprocess.run(cmd, check=False).returncode
     if code != 0:
         print(f"WARNING: building the report failed (exit {code}); rerun by hand: {' '.join(cmd)}", file=sys.stderr)

@@ -104,6 +104,40 @@ def expected_growth(clinical: Mapping[str, float], law: Mapping[str, float]) -> 
     }
 
 
+def _mean_r_above(mu: float, sd: float, cap: float, lower: float) -> float:
+    """E[min(exp(eta), cap) * 1{eta >= lower}] for eta ~ N(mu, sd^2), sd > 0 (closed form)."""
+    log_cap = math.log(cap)
+    capped = cap * (1 - _phi((max(lower, log_cap) - mu) / sd))
+    if lower >= log_cap:
+        return capped
+    return math.exp(mu + sd * sd / 2) * (_phi((log_cap - mu - sd * sd) / sd) - _phi((lower - mu - sd * sd) / sd)) + capped
+
+
+def expected_followup_given_flag(clinical: Mapping[str, float], law: Mapping[str, float], flag: int) -> float:
+    """E[follow-up IPH mL | clinical values, expansion flag]: the law's truth for a flag-conditioned model.
+
+    A model conditioned on the expansion flag is asked for the follow-up *given* the flag, so its
+    clinical effects must be compared with the law's expectation on the same side of the expansion
+    threshold (eta >= threshold for flag 1, below it for flag 0), not with the unconditional
+    expectation of :func:`expected_growth`. Closed form for the capped lognormal; where the flag has
+    (numerically) zero probability, the growth at the threshold, the limit of the conditional mean.
+    """
+    mu = linear_predictor(clinical, law)
+    sd = float(law["noise_sd"])
+    cap = float(law["max_relative_growth"])
+    v0 = float(clinical["baseline_iph_ml"])
+    thr = expansion_eta_threshold(v0)
+    if sd <= 0:
+        return v0 * (1.0 + min(math.exp(mu), cap))
+    p1 = 1.0 - _phi((thr - mu) / sd)
+    total = expected_growth(clinical, law)["expected_relative_growth"]
+    above = _mean_r_above(mu, sd, cap, thr)
+    mass, part = (p1, above) if flag else (1.0 - p1, total - above)
+    if mass < 1e-12:
+        return v0 * (1.0 + min(math.exp(thr), cap))
+    return v0 * (1.0 + part / mass)
+
+
 def realised_growth(clinical: Mapping[str, float], law: Mapping[str, float], noise: float) -> dict[str, float]:
     """Growth of one patient given its noise draw (``noise`` is on the eta scale, sd = noise_sd)."""
     eta = linear_predictor(clinical, law) + float(noise)

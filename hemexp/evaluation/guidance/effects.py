@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hemexp.cohort.synth.law import expected_growth
+from hemexp.cohort.synth.law import expected_followup_given_flag, expected_growth
 from hemexp.core.clinical import CLINICAL_BY_NAME
 from hemexp.core.files import read_json
 from hemexp.sampling.scenarios import UNPERTURBED, Scenario, apply_scenario
@@ -116,8 +116,17 @@ def read_truth(path: str | Path) -> tuple[dict[str, float], pd.DataFrame]:
     return dict(truth["law"]), pd.DataFrame(rows)
 
 
+def _expected_followup(row: Mapping[str, float], law: Mapping[str, float], flag_share: float | None) -> float:
+    """The law's expected follow-up IPH: unconditional, or mixed over the flags the samples were given."""
+    if flag_share is None:
+        return expected_growth(row, law)["expected_followup_ml"]
+    return (flag_share * expected_followup_given_flag(row, law, 1)
+            + (1.0 - flag_share) * expected_followup_given_flag(row, law, 0))
+
+
 def true_patient_deltas(clinical: pd.DataFrame, scenarios: Mapping[str, Scenario], law: Mapping[str, float],
-                        reference: str = UNPERTURBED) -> pd.DataFrame:
+                        reference: str = UNPERTURBED,
+                        flag_share: Mapping[tuple[str, str], float] | None = None) -> pd.DataFrame:
     """Ground-truth ΔV per patient and scenario from the synthetic cohort's growth law.
 
     ``clinical`` has one row per patient (``patient_id`` + the seven clinical columns). The truth is the
@@ -125,25 +134,36 @@ def true_patient_deltas(clinical: pd.DataFrame, scenarios: Mapping[str, Scenario
     volume under the scenario's clinical values minus the same under the reference (``"baseline"``:
     minus the baseline volume, i.e. the expected growth). The law moves IPH only, so this is also the
     true change of total hemorrhage (IVH is unaffected by the clinical variables).
+
+    ``flag_share`` ((patient, scenario) -> share of those samples generated with flag 1; a classifier's
+    flags may differ between scenarios) compares like with like for
+    a flag-conditioned model: the truth is then the law's expectation *given* those flags
+    (:func:`hemexp.cohort.synth.law.expected_followup_given_flag`, mixed in the same proportion), because
+    with the flag held fixed a clinical change can only move growth within the flag's side of the
+    expansion threshold. Without it, the unconditional expectation.
     """
 
     records = []
     for row in clinical.to_dict("records"):
+        pid = row["patient_id"]
+        if flag_share is not None and not any((pid, name) in flag_share for name in scenarios):
+            continue  # no samples of this patient: nothing to compare
+        share = {name: None if flag_share is None else flag_share.get((pid, name), 0.0) for name in scenarios}
         if reference == "baseline":
             ref_ml = float(row["baseline_iph_ml"])
         else:
-            ref_ml = expected_growth(apply_scenario(row, scenarios[reference]), law)["expected_followup_ml"]
+            ref_ml = _expected_followup(apply_scenario(row, scenarios[reference]), law, share[reference])
         for name, scenario in scenarios.items():
             if name == reference:
                 continue
-            fu = expected_growth(apply_scenario(row, scenario), law)["expected_followup_ml"]
+            fu = _expected_followup(apply_scenario(row, scenario), law, share[name])
             records.append({"patient_id": row["patient_id"], "scenario": name, "true_delta_ml": fu - ref_ml})
     return pd.DataFrame(records, columns=["patient_id", "scenario", "true_delta_ml"])
 
 
 def learned_vs_true(volumes: pd.DataFrame, clinical: pd.DataFrame, scenarios: Mapping[str, Scenario],
                     law: Mapping[str, float], reference: str = UNPERTURBED, tol_ml: float = 0.0,
-                    column: str = "total_ml") -> pd.DataFrame:
+                    column: str = "total_ml", condition_on_flag: bool = False) -> pd.DataFrame:
     """Compare each learned scenario effect with the ground-truth law, on the same patients.
 
     ``volumes`` is the generated-volume table of :func:`patient_deltas` (one guidance scale: filter it
@@ -152,13 +172,16 @@ def learned_vs_true(volumes: pd.DataFrame, clinical: pd.DataFrame, scenarios: Ma
     not model. Returns one row per scenario: ``n_patients``, learned and true ΔV mean/sd (mL),
     ``sign_agreement`` of the two means (NaN when |true mean| <= ``tol_ml``) and
     ``patient_sign_agreement`` (share of patients whose learned ΔV has the true ΔV's sign).
+    ``condition_on_flag`` (for a flag-conditioned variant) takes the truth given each patient's sample
+    flags (the ``flag`` column), see :func:`true_patient_deltas`.
     """
     if "guidance_scale" in volumes and volumes["guidance_scale"].nunique() > 1:
         raise ValueError("learned_vs_true needs volumes from a single guidance scale")
     learned = patient_deltas(volumes.drop(columns="guidance_scale", errors="ignore"), reference, column)
     learned = learned[learned["scenario"] != reference][["patient_id", "scenario", "delta_ml"]]
+    shares = volumes.groupby(["patient_id", "scenario"])["flag"].mean().to_dict() if condition_on_flag else None
     truth = true_patient_deltas(clinical, {k: v for k, v in scenarios.items() if k in set(learned["scenario"])
-                                           or k == reference}, law, reference)
+                                           or k == reference}, law, reference, flag_share=shares)
     both = learned.merge(truth, on=["patient_id", "scenario"], how="inner")
     rows = []
     for name, grp in both.groupby("scenario", sort=False):

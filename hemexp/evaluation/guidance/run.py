@@ -39,6 +39,7 @@ from hemexp.core.files import atomic_path, write_json
 from hemexp.core.layout import Layout
 from hemexp.core.runtime import get_logger
 from hemexp.core.tables import fmt_floats, markdown_table, write_csv, write_html
+from hemexp.diffusion.conditioning import uses_flag
 from hemexp.diffusion.ddim import branches
 from hemexp.diffusion.latents import denormalise
 from hemexp.evaluation.figures import plot_guidance_and_perturbations, plot_learned_vs_true
@@ -158,18 +159,24 @@ def study_numbers(tidy: pd.DataFrame) -> dict[str, float]:
 
 
 def learned_vs_true_table(volumes: pd.DataFrame, clinical: pd.DataFrame, single: Mapping[str, Scenario],
-                          law: Mapping[str, float], default_scale: float) -> pd.DataFrame:
+                          law: Mapping[str, float], default_scale: float,
+                          condition_on_flag: bool = False) -> pd.DataFrame:
     """Learned vs true effects on the synthetic cohort, two comparisons stacked (``comparison`` column):
 
     * ``scenario vs unperturbed (total)``: ΔV of each scenario, learned vs the law's expected change;
     * ``growth vs baseline (IPH)``: predicted IPH growth of every setting (unperturbed included) vs the
       law's expected growth (IPH: the law does not move IVH).
+
+    ``condition_on_flag`` (a flag-conditioned variant): the truth is the law's expectation given the
+    flags the samples were generated with, like with like (:func:`effects.true_patient_deltas`).
     """
 
     vols = volumes[(volumes["kind"] == SINGLE) & (volumes["guidance_scale"] == float(default_scale))]
     vols = vols[vols["patient_id"].isin(clinical["patient_id"])]
-    a = learned_vs_true(vols, clinical, single, law, reference=UNPERTURBED, column="total_ml")
-    b = learned_vs_true(vols, clinical, single, law, reference="baseline", column="iph_ml")
+    a = learned_vs_true(vols, clinical, single, law, reference=UNPERTURBED, column="total_ml",
+                        condition_on_flag=condition_on_flag)
+    b = learned_vs_true(vols, clinical, single, law, reference="baseline", column="iph_ml",
+                        condition_on_flag=condition_on_flag)
     return pd.concat([a.assign(comparison="scenario vs unperturbed (total)"),
                       b.assign(comparison="growth vs baseline (IPH)")], ignore_index=True)[
         ["comparison", *a.columns]]
@@ -322,21 +329,25 @@ def write_study_products(cfg: Mapping[str, Any], variant: str, result: StudyResu
                                     title=f"{variant}: clinical guidance ({numbers['n_patients']:.0f} test patients)")
     truth = Layout.of(cfg).truth
     if cfg["cohort"]["source"] == "synthetic":
-        table = write_learned_vs_true(truth, result.volumes, single, default_scale, out)
+        conditioning = cfg["diffusion"]["variants"][variant]["conditioning"]
+        table = write_learned_vs_true(truth, result.volumes, single, default_scale, out,
+                                      condition_on_flag=uses_flag(conditioning))
         plot_learned_vs_true(table, figures / "learned_vs_true.png",
                              title=f"{variant}: learned vs true clinical effects (synthetic cohort)")
     return numbers
 
 
 def write_learned_vs_true(truth_path: Any, volumes: pd.DataFrame, single: Mapping[str, Scenario],
-                          default_scale: float, out: Any) -> pd.DataFrame:
+                          default_scale: float, out: Any, condition_on_flag: bool = False) -> pd.DataFrame:
     """learned_vs_true.{csv,md,html} against the synthetic cohort's growth law (``truth.json``)."""
 
     law, clinical = read_truth(truth_path)
-    table = learned_vs_true_table(volumes, clinical, single, law, default_scale)
+    table = learned_vs_true_table(volumes, clinical, single, law, default_scale, condition_on_flag)
     write_csv(table, out / "learned_vs_true.csv")
+    given = (" given the expansion flags the samples were generated with (like with like: the flag is held "
+             "fixed)" if condition_on_flag else "")
     note = ("True effects: the synthetic growth law's conditional expectation (before patient noise) under the "
-            "scenario's clinical values, on the patients' manifest values; learned effects: mean over samples on "
+            f"scenario's clinical values{given}, on the patients' manifest values; learned effects: mean over samples on "
             "the model grid. sign_agreement compares the two means; patient_sign_agreement the share of patients "
             "whose learned ΔV has the true sign.")
     with atomic_path(out / "learned_vs_true.md") as tmp:
