@@ -102,6 +102,21 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def use_experiment(name: str) -> str:
+    """Make experiment ``name`` the active one (created when missing) and return its id.
+
+    ``mlflow.set_experiment(name)`` alone is not safe when several jobs create the experiment at once
+    (SLURM jobs starting together): the process that loses the creation race gets the experiment back
+    without it being made active, so its run lands silently in the ``Default`` experiment (seen with
+    MLflow 3.17 in tests/test_tracking_concurrency.py). Setting it again by id activates it in every case.
+    """
+    import mlflow
+
+    experiment_id = mlflow.set_experiment(name).experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
 @contextlib.contextmanager
 def start_run(cfg: dict[str, Any], stage: str, run_dir: str | Path, variant: str | None = None,
               params: dict[str, Any] | None = None) -> Iterator[Any]:
@@ -113,7 +128,7 @@ def start_run(cfg: dict[str, Any], stage: str, run_dir: str | Path, variant: str
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg["tracking"]["experiment"])
+    use_experiment(cfg["tracking"]["experiment"])
     id_file = Path(run_dir) / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
     name = f"{stage}-{variant}" if variant else stage
