@@ -195,13 +195,10 @@ def test_truncated_shard_through_the_cli_is_one_line(tmp_path, capsys):
     raw = tmp_path / "raw"
     row = _write_patient(raw, "P1", (np.eye(3), (0, 0, 0)), (np.eye(3), (0, 0, 0)), 12.0, 16.0)
     pd.DataFrame([row]).to_csv(raw / "manifest.tsv", sep="\t", index=False)
-    import yaml
+    from workflow_helpers import manifest_config, write_config
 
-    cfg = yaml.safe_load(Path("config/config.yaml").read_text())
-    cfg["results_dir"] = str(tmp_path / "results")
-    cfg["cohort"].update(source="manifest", manifest=str(raw / "manifest.tsv"))
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg = manifest_config(raw / "manifest.tsv", tmp_path / "results")
+    cfg_path = write_config(tmp_path / "config.yaml", cfg)
     pre = Layout.of(cfg).preprocessed("P1")
     (pre / "transforms").mkdir(parents=True)
     write_json(pre / "summary.json", {"patient_id": "P1", "expansion": False})

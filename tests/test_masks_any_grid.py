@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-import yaml
+from workflow_helpers import manifest_config, write_config
 
 from hemexp.cli import main
 from hemexp.cohort.synth.dicom_writer import write_dicom_series
@@ -198,12 +198,7 @@ def _config(tmp_path: Path, ct_path: Path) -> Path:
            "followup_iph": "x.nii.gz", "followup_ivh": "x.nii.gz", "onset_to_ct_h": 2.0, "anticoagulant": 0,
            "antiplatelet": 1, "age": 70, "gcs": 12, "sbp": 170, "baseline_iph_ml": 5.0}
     pd.DataFrame([row]).to_csv(raw / "manifest.tsv", sep="\t", index=False)
-    cfg = yaml.safe_load(Path("config/config.yaml").read_text())
-    cfg["results_dir"] = str(tmp_path / "results")
-    cfg["cohort"].update(source="manifest", manifest=str(raw / "manifest.tsv"))
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(tmp_path / "config.yaml", manifest_config(raw / "manifest.tsv", tmp_path / "results"))
 
 
 def test_export_grid_writes_the_ingested_ct(tmp_path: Path, tilted, capsys) -> None:
