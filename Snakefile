@@ -35,6 +35,7 @@ include: "rules/diffusion.smk"
 include: "rules/sampling.smk"
 include: "rules/evaluation.smk"
 include: "rules/baselines.smk"
+include: "rules/release.smk"
 
 
 rule all:

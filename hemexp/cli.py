@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "hemexp.sampling.cli",
     "hemexp.evaluation.cli",
     "hemexp.baselines.cli",
+    "hemexp.release.cli",
     "hemexp.tracking.cli",
     "hemexp.workflow.cli",
 )

@@ -36,6 +36,7 @@ VAE_MODEL = str(L.vae_model)
 LATENT_STATS = str(L.latent_stats)
 DIFFUSION_MODEL = str(L.diffusion_model("{variant}"))  # format with variant=...
 CLASSIFIER = str(L.classifier)
+OOD_ENVELOPE = str(L.ood_envelope)
 USES_CLASSIFIER = str(config["sampling"]["flag_source"]) == "classifier"
 N_SAMPLES = int(config["sampling"]["n_samples"])
 SAMPLE_FILES = sample_files(N_SAMPLES)
@@ -64,3 +65,11 @@ def cfg_hash(*sections):
 def R(rule_name):
     """SLURM resources of one rule, the entry named after it (see hemexp.workflow.resources)."""
     return rule_resources(config, rule_name)
+
+
+def release_study(variant):
+    """The clinical-guidance products a variant's model card shows (rules/release.smk): those of the
+    perturbation study when ``variant`` is its variant and there are test patients, else none."""
+    if TEST and config["evaluation"]["perturbation_variant"] == variant:
+        return list(rules.perturb.output)
+    return []

@@ -7,6 +7,7 @@ import os
 SAMPLE_DIR = str(L.samples("{variant}", "{patient}"))
 FLAG_PASS_DIR = str(L.samples("{variant}", "{patient}", flag_source="{source}"))
 CLASSIFIER_FROZEN = FROZEN and os.path.exists(CLASSIFIER)
+OOD_FROZEN = FROZEN and os.path.exists(OOD_ENVELOPE)
 
 
 if not CLASSIFIER_FROZEN:
@@ -35,6 +36,36 @@ if not CLASSIFIER_FROZEN:
             config=RESOLVED_CONFIG,
         shell:
             "hemexp train-classifier --patients {params.patients} --config {params.config} > {log} 2>&1"
+
+
+if not OOD_FROZEN:
+
+    rule fit_ood:
+        """The out-of-distribution gate's training envelope: fitted ranges of acquisition, registration
+        and VAE features over the training split (hemexp/sampling/ood.py); rule sample scores against it.
+        """
+        input:
+            summaries=[str(L.preprocessed(p) / "summary.json") for p in TRAIN],
+            native=[str(L.native_baseline_ct(p)) for p in TRAIN],
+            vae=VAE_MODEL,
+            stats=LATENT_STATS,
+        output:
+            OOD_ENVELOPE,
+        log:
+            str(L.log("fit_ood")),
+        benchmark:
+            str(L.benchmark("fit_ood", L.log("fit_ood")))
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("fit_ood"),
+        params:
+            cfg=cfg_hash("preprocess"),
+            ood=lambda wildcards: str(config["sampling"]["ood"]),
+            patients=" ".join(TRAIN),
+            config=RESOLVED_CONFIG,
+        shell:
+            "hemexp fit-ood --patients {params.patients} --config {params.config} > {log} 2>&1"
 
 
 rule eval_classifier:
@@ -69,6 +100,7 @@ rule sample:
         model=DIFFUSION_MODEL,
         vae=VAE_MODEL,
         stats=LATENT_STATS,
+        ood=OOD_ENVELOPE,
         classifier=[CLASSIFIER] if USES_CLASSIFIER else [],
     output:
         summary=f"{SAMPLE_DIR}/summary.json",
@@ -111,6 +143,7 @@ if FLAG_PASSES:
             model=DIFFUSION_MODEL,
             vae=VAE_MODEL,
             stats=LATENT_STATS,
+            ood=OOD_ENVELOPE,
             classifier=lambda w: [CLASSIFIER] if w.source == "classifier" else [],
         output:
             summary=f"{FLAG_PASS_DIR}/summary.json",
@@ -152,6 +185,6 @@ FINAL_TARGETS += [
     for p in TEST
     for f in ("summary.json", "volumes.tsv", "figure.png")
 ]
-FINAL_TARGETS += [CLASSIFIER, rules.eval_classifier.output.metrics]
+FINAL_TARGETS += [CLASSIFIER, rules.eval_classifier.output.metrics, OOD_ENVELOPE]
 if not CLASSIFIER_FROZEN:
     FINAL_TARGETS += [rules.train_classifier.output.metrics]

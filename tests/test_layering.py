@@ -9,9 +9,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "hemexp"
 # Lower never imports higher; same rank only within one package. hemexp/cli.py and hemexp/__init__.py: top.
 RANK = {"core": 0, "io": 1, "tracking": 2, "engine": 2, "cohort": 3, "preprocess": 4, "vae": 5,
-        "diffusion": 6, "sampling": 7, "baselines": 8, "evaluation": 9, "workflow": 10}
+        "diffusion": 6, "sampling": 7, "baselines": 8, "evaluation": 9, "release": 10,
+        "workflow": 11}
 TOP = 99
-STAGES = ("cohort", "preprocess", "vae", "diffusion", "sampling", "evaluation", "baselines")
+STAGES = ("cohort", "preprocess", "vae", "diffusion", "sampling", "evaluation", "baselines", "release")
 
 
 def sources() -> dict[str, tuple[str, bool]]:

@@ -152,6 +152,15 @@ class Layout:
     def classifier(self) -> Path:
         return self.classifier_dir / "classifier.joblib"
 
+    @property
+    def ood_envelope(self) -> Path:
+        """The training envelope of the out-of-distribution gate (``hemexp fit-ood``)."""
+        return self.models / "ood" / "envelope.json"
+
+    def native_baseline_brain(self, patient: str) -> Path:
+        """The ingested baseline's brain mask on the native grid (image-noise feature of the OOD gate)."""
+        return self.ingested(patient) / "brain_bl.nii.gz"
+
     # ------------------------------------------------------------------ samples
     def samples_root(self, flag_source: str | None = None) -> Path:
         """``samples/`` for the configured flag source; ``samples_<source>/`` for an extra flag pass."""
@@ -241,6 +250,21 @@ class Layout:
     @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow" / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """Artifact root of the default SQLite store (MLflow's own default, ``./mlruns``, would land
+        outside ``results_dir``)."""
+        return self.root / "mlflow" / "artifacts"
+
+    @property
+    def registry_cache(self) -> Path:
+        """Registered models downloaded for ``--models models:/NAME@ALIAS`` (one folder per version)."""
+        return self.root / "registry"
+
+    def release_dir(self, variant: str) -> Path:
+        """One variant's release: the registered bundle, its model card and ``registered.json``."""
+        return self.root / "release" / variant
 
 
 def raw_dir(cfg: dict[str, Any]) -> Path:

@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arg(p)
     p.set_defaults(func=_eval_classifier)
 
+    p = sub.add_parser("fit-ood", help="fit the out-of-distribution gate's training envelope "
+                                       "-> results/models/ood/envelope.json")
+    p.add_argument("--patients", nargs="+", required=True, help="training patients (preprocessed and ingested)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    add_config_arg(p)
+    p.set_defaults(func=_fit_ood)
+
     p = sub.add_parser("simulate", help="simulate follow-ups of one patient from files and clinical values")
     p.add_argument("--ct", required=True, help="baseline CT: NIfTI file or DICOM folder")
     p.add_argument("--iph", required=True, help="baseline IPH mask (NIfTI); a label map if the same as --ivh")
@@ -62,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clinical-json", default=None, help="JSON object of clinical values (--clinical wins)")
     p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", dest="overrides",
                    help="scenario: +x/-x relative, 'toggle', else absolute; clamped to the model's ranges")
-    p.add_argument("--models", default=None, help="trained model folder (default: <results_dir>/models)")
+    p.add_argument("--models", default=None, help="trained model folder (default: <results_dir>/models) or a "
+                                                  "registered model, models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--variant", default=None, help="diffusion variant (default: evaluation.perturbation_variant)")
     p.add_argument("--flag", default="classifier",
                    help="expansion flag: 0, 1, a probability p (samples split p : 1-p) or 'classifier'")
@@ -108,15 +116,29 @@ def _sample(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     bundle = load_bundle(Layout.of(cfg).vae_model, diffusion, Layout.of(cfg).latent_stats, args.device)
     out = Path(args.out) if args.out else Layout.of(cfg).samples(args.variant, args.patient)
     patient = PatientInput(args.patient, pdir, pre["clinical"], followup if len(followup) == 3 else None)
+    ood = _ood_scores(cfg, args.patient, pre, bundle)
     summary = simulate_patient(bundle, patient, plan, _settings(cfg, args), cfg["sampling"],
                                cfg["preprocess"]["hu_window"], out, args.variant,
                                extra={"split": pre.get("split"), "site": pre.get("site"),
-                                      "flag_used_by_model": bool(bundle.diffusion.uses_flag)},
+                                      "flag_used_by_model": bool(bundle.diffusion.uses_flag), "ood": ood},
                                dicom=_dicom_request(cfg, args.patient, args.variant, plan.source))
     fu = summary["followup_ml"]
     print(f"{args.patient} {args.variant}: {plan.n_samples} samples ({plan.source}, p={plan.p:.2f}); IPH median "
           f"{fu['iph']['median']:.1f} mL, P(expansion) {summary['p_expansion']:.2f}, "
           f"{summary['timings_s']['total_s']:.1f} s -> {out}")
+
+
+def _ood_scores(cfg: dict[str, Any], patient_id: str, pre: dict[str, Any], bundle: Any) -> dict[str, Any]:
+    """The OOD gate's scores of one workflow patient against ``models/ood/envelope.json`` (warnings on
+    stderr); a results folder without an envelope gets its values recorded but not judged."""
+    from hemexp.core.files import read_json
+    from hemexp.sampling.ood import score_input, warn
+
+    features = _pipeline_features(cfg, patient_id, pre, bundle.vae, bundle.stats, bundle.device)
+    path = Layout.of(cfg).ood_envelope
+    scores = score_input(features, pre["clinical"], read_json(path) if path.is_file() else None)
+    warn(scores, patient_id)
+    return scores
 
 
 def _dicom_request(cfg: dict[str, Any], patient_id: str, variant: str, flag_source: str) -> DicomRequest | None:
@@ -190,6 +212,48 @@ def _eval_classifier(args: argparse.Namespace) -> int:
     test = report.get("test_refit", {})
     print(f"HE classifier: test AUC {test.get('auc', float('nan')):.3f}, sensitivity "
           f"{test.get('sensitivity', float('nan')):.2f}, specificity {test.get('specificity', float('nan')):.2f}")
+    return 0
+
+
+def _vae_and_stats(cfg: dict[str, Any], device: str | None) -> tuple[Any, dict[str, Any], Any]:
+    from hemexp.core.files import read_json
+    from hemexp.sampling.sampler import default_device
+    from hemexp.vae.model import load_vae
+
+    dev = default_device() if device is None else device
+    layout = Layout.of(cfg)
+    return load_vae(layout.vae_model, map_location=dev), read_json(layout.latent_stats), dev
+
+
+def _pipeline_features(cfg: dict[str, Any], patient_id: str, summary: dict[str, Any], vae: Any,
+                       stats: dict[str, Any], device: Any) -> dict[str, float]:
+    from hemexp.io.nifti import affine_spacing_mm
+    from hemexp.sampling.ood import pipeline_patient_features
+    from hemexp.sampling.simulate import PatientInput, load_baseline
+
+    baseline, affine = load_baseline(PatientInput(patient_id, Layout.of(cfg).preprocessed(patient_id), {}))
+    return pipeline_patient_features(cfg, patient_id, summary, baseline, affine_spacing_mm(affine)[2], vae, stats,
+                                     device)
+
+
+def _fit_ood(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from hemexp.core.files import write_json
+    from hemexp.preprocess.pipeline import read_summary
+    from hemexp.sampling.ood import fit_envelope
+
+    cfg = config_from(args)
+    vae, stats, device = _vae_and_stats(cfg, args.device)
+    rows, clinical = [], []
+    for pid in tqdm(sorted(args.patients), desc="OOD envelope"):
+        summary = read_summary(pid, Layout.of(cfg).preprocessed(pid))
+        rows.append(_pipeline_features(cfg, pid, summary, vae, stats, device))
+        clinical.append(summary["clinical"])
+    ood = cfg["sampling"]["ood"]
+    envelope = fit_envelope(rows, clinical, ood["margin"], ood["rel_floor"], patients=sorted(args.patients))
+    write_json(Layout.of(cfg).ood_envelope, envelope)
+    print(f"OOD envelope from {len(rows)} training patients -> {Layout.of(cfg).ood_envelope}")
     return 0
 
 

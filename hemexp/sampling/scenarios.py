@@ -65,8 +65,9 @@ def scenarios_from_config(evaluation_cfg: Mapping[str, Any]) -> tuple[dict[str, 
     return single, profiles
 
 
-def apply_scenario(clinical: Mapping[str, float], scenario: Scenario) -> dict[str, float]:
-    """A copy of the clinical row with the scenario applied, clamped to each variable's model range.
+def apply_scenario(clinical: Mapping[str, float], scenario: Scenario, clamp: bool = True) -> dict[str, float]:
+    """A copy of the clinical row with the scenario applied, clamped to each variable's model range
+    (``clamp=False``: the values as requested, which the out-of-distribution gate reports).
 
     Keys other than the seven clinical variables are passed through untouched.
     """
@@ -74,5 +75,5 @@ def apply_scenario(clinical: Mapping[str, float], scenario: Scenario) -> dict[st
     for change in scenario.changes:
         var = CLINICAL_BY_NAME[change.variable]
         value = change.apply(float(out[change.variable]))
-        out[change.variable] = min(max(value, var.low), var.high)
+        out[change.variable] = min(max(value, var.low), var.high) if clamp else value
     return out

@@ -34,7 +34,6 @@ from hemexp.core.clinical import (
 )
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import atomic_dir, read_json, write_json
-from hemexp.core.layout import Layout
 from hemexp.io.masks import read_mask
 from hemexp.io.nifti import affine_spacing_mm, make_image, save_nifti, spacing_mm
 from hemexp.preprocess.pipeline import (
@@ -52,9 +51,12 @@ from hemexp.preprocess.register import (
     nib_to_ants,
     register_baseline,
     save_native_grid,
+    template_on_grid,
+    template_similarity,
 )
 from hemexp.sampling.figure import sample_figure
 from hemexp.sampling.flags import FlagPlan, classifier_probability, parse_flag_source, plan_flags
+from hemexp.sampling.ood import model_features, native_features, registration_features, score_input, warn
 from hemexp.sampling.products import (
     baseline_volumes,
     probability_maps,
@@ -66,6 +68,7 @@ from hemexp.sampling.products import (
 )
 from hemexp.sampling.sampler import generate_followups, load_bundle
 from hemexp.sampling.scenarios import Change, Scenario, apply_scenario
+from hemexp.tracking.registry import bundle_config, resolve_models
 
 BASELINE_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz")
 
@@ -183,7 +186,7 @@ def prepare_baseline(cfg: dict[str, Any], patient_id: str, ct_path: str | Path, 
     if native_ct is not None:
         save_nifti(ct, native_ct, np.float32)
     t1 = time.perf_counter()
-    template, _, grid = template_grid(cfg)
+    template, tmask, grid = template_grid(cfg)
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="hemexp_sim_") as work:
         register_baseline(nib_to_ants(template), nib_to_ants(stripped), cfg["seed"], pre["registration_mm"],
                           tmp / TRANSFORMS_DIR, work)
@@ -195,9 +198,13 @@ def prepare_baseline(cfg: dict[str, Any], patient_id: str, ct_path: str | Path, 
         grid_ml = {k: mask_volume_ml(vols[f"bl_{k}"], grid.spacing) for k in KINDS}
         if grid_ml["iph"] == 0:
             raise PatientInputError(patient_id, iph_path, "baseline IPH lies outside the model grid after registration")
+        similarity = template_similarity(vols["bl_ct"], vols["bl_brain"], *template_on_grid(template, tmask, grid),
+                                         grid.spacing, tuple(pre["hu_window"]))
         summary = {"patient_id": patient_id, "volumes_ml": {"baseline": {**native_ml, "total": sum(native_ml.values())}},
                    "volumes_ml_model_grid": {"baseline": {**grid_ml, "total": sum(grid_ml.values())}},
                    "grid": {"spacing_mm": list(grid.spacing), "shape": list(grid.shape)}, "skullstrip": strip,
+                   "registration": {"template_similarity": similarity},
+                   "native_features": native_features(ct, np.asarray(brain) > 0),
                    "timings_s": {"ingest_skullstrip": t1 - t0, "registration": t2 - t1,
                                  "resample": time.perf_counter() - t2}}
         write_json(tmp / "summary.json", summary)
@@ -277,10 +284,27 @@ def model_files(models_dir: str | Path, variant: str) -> dict[str, Path | None]:
         "diffusion": first(models / "diffusion" / variant / "model.pt"),
         "stats": first(models / "latents" / "stats.json", parent / "latents" / "stats.json"),
         "classifier": first(models / "classifier" / "classifier.joblib"),
+        "ood": first(models / "ood" / "envelope.json"),
         "template": first(models / "template" / "template.nii.gz", parent / "template" / "template.nii.gz"),
         "template_mask": first(models / "template" / "template_mask.nii.gz",
                                parent / "template" / "template_mask.nii.gz"),
     }
+
+
+MODEL_GRID_KEYS = ("spacing_mm", "crop", "hu_window", "registration_mm")  # what a trained model fixes
+
+
+def with_model_grid(cfg: dict[str, Any], trained: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` with the model-grid keys of a released bundle's training config: a model trained on a
+    64x64 grid at 3 mm must see its input on that grid, whatever the local config says."""
+    import copy
+
+    if not trained:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for key in MODEL_GRID_KEYS:
+        cfg["preprocess"][key] = trained["preprocess"][key]
+    return cfg
 
 
 def read_clinical_json(path: str | Path) -> dict[str, Any]:
@@ -326,7 +350,8 @@ def simulate_dicom_request(cfg: dict[str, Any], ct_path: str | Path, native_ct: 
 def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
     """``hemexp simulate``: preprocess the baseline, sample, write products, print the summary table."""
 
-    models = Path(args.models) if args.models else Layout.of(cfg).models
+    models = resolve_models(args.models, cfg)
+    cfg = with_model_grid(cfg, bundle_config(models))
     variant = args.variant or cfg["evaluation"].get("perturbation_variant") or next(iter(cfg["diffusion"]["variants"]))
     files = model_files(models, variant)
     missing = [k for k in ("vae", "diffusion", "stats") if files[k] is None]
@@ -358,15 +383,31 @@ def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
             p, label = float(source), "user" if source in (0.0, 1.0) else "probability"
         plan = plan_flags(p, args.n_samples or cfg["sampling"]["n_samples"], label)
         bundle = load_bundle(files["vae"], files["diffusion"], files["stats"], args.device)
+        ood = simulate_ood_scores(bundle, prep, prep_dir, cfg, clinical, apply_scenario(clinical, scenario, clamp=False),
+                                  files["ood"])
+        warn(ood, args.patient_id)
         extra = {"clinical_given": clinical, "scenario": [c.__dict__ for c in scenario.changes],
                  "baseline_native_ml": native, "models": str(models), "template": cfg["preprocess"]["template"],
-                 "flag_used_by_model": bool(bundle.diffusion.uses_flag)}
+                 "flag_used_by_model": bool(bundle.diffusion.uses_flag), "ood": ood}
         with _progress(args.no_progress) as progress:
             summary = simulate_patient(bundle, PatientInput(args.patient_id, prep_dir, used), plan, settings,
                                        cfg["sampling"], cfg["preprocess"]["hu_window"], args.out, variant,
                                        progress=progress, extra=extra, copy_dirs={"baseline": prep_dir}, dicom=dicom)
     print_summary(summary, args.out)
     return 0
+
+
+def simulate_ood_scores(bundle: Any, prep: Mapping[str, Any], prep_dir: Path, cfg: Mapping[str, Any],
+                        given: Mapping[str, float], requested: Mapping[str, float],
+                        envelope_path: Path | None) -> dict[str, Any]:
+    """The OOD gate for ``hemexp simulate``: the features of :func:`prepare_baseline`'s summary plus the
+    VAE features of the prepared baseline, scored against the model folder's training envelope."""
+    baseline, affine = load_baseline(PatientInput(str(prep["patient_id"]), prep_dir, {}))
+    features = {**prep.get("native_features", {}),
+                **registration_features(prep.get("registration", {}).get("template_similarity")),
+                **model_features(bundle.vae, bundle.stats, baseline, affine_spacing_mm(affine)[2],
+                                 cfg["sampling"]["z_margin_mm"], cfg["preprocess"]["hu_window"], bundle.device)}
+    return score_input(features, given, read_json(envelope_path) if envelope_path else None, requested)
 
 
 class _progress:
@@ -411,5 +452,9 @@ def print_summary(summary: dict[str, Any], out: str | Path) -> None:
     table.add_row("P(IVH at follow-up)", f"{summary['p_ivh']:.2f}")
     flag = summary["flag"]
     table.add_row("expansion flag", f"{flag['source']} p={flag['p']:.2f} ({flag['n_flag1']} x 1, {flag['n_flag0']} x 0)")
+    ood = summary.get("ood")
+    if ood is not None:
+        n = len(ood["warnings"])
+        table.add_row("out-of-distribution warnings", "none" if not n else f"{n} (see above and summary.json ood)")
     table.add_row("products", str(out))
     Console().print(table)

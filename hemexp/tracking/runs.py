@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,31 @@ def tracking_uri(cfg: dict[str, Any]) -> str:
         return cfg["tracking"]["uri"]
     db = Layout.of(cfg).mlflow_db.resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
+    uri = f"sqlite:///{db}"
+    _initialise_sqlite(uri, db)
+    return uri
+
+
+_READY: set[str] = set()
+
+
+def _initialise_sqlite(uri: str, db: Path) -> None:
+    """Create the SQLite store's tables once, under a file lock. Two jobs opening a fresh store at once
+    both run MLflow's schema creation and the loser fails ("table ... already exists"), or its
+    experiment falls back to ``./mlruns``; the lock makes the first job create it and the rest wait."""
+    import fcntl
+
+    if uri in _READY:
+        return
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
 
 
 def git_commit() -> str:
@@ -102,8 +127,19 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def use_experiment(name: str) -> str:
-    """Make experiment ``name`` the active one (created when missing) and return its id.
+def default_artifact_location(cfg: dict[str, Any]) -> str | None:
+    """Where a new experiment of the default SQLite store keeps its artifacts: under ``results_dir``
+    (MLflow would use ``./mlruns`` in the working directory); None for a configured store, whose
+    server or URI decides."""
+    default = f"sqlite:///{Layout.of(cfg).mlflow_db.resolve()}"
+    if tracking_uri(cfg) != default:  # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI)
+        return None
+    return Layout.of(cfg).mlflow_artifacts.resolve().as_uri()
+
+
+def use_experiment(name: str, artifact_location: str | None = None) -> str:
+    """Make experiment ``name`` the active one (created when missing, with ``artifact_location``) and
+    return its id.
 
     ``mlflow.set_experiment(name)`` alone is not safe when several jobs create the experiment at once
     (SLURM jobs starting together): the process that loses the creation race gets the experiment back
@@ -111,7 +147,15 @@ def use_experiment(name: str) -> str:
     MLflow 3.17 in tests/test_tracking_concurrency.py). Setting it again by id activates it in every case.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
+    for _ in range(3):
+        if artifact_location is None or mlflow.get_experiment_by_name(name) is not None:
+            break
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # another job created it first (checked again above)
+            time.sleep(0.2)
     experiment_id = mlflow.set_experiment(name).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
@@ -128,7 +172,7 @@ def start_run(cfg: dict[str, Any], stage: str, run_dir: str | Path, variant: str
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    use_experiment(cfg["tracking"]["experiment"])
+    use_experiment(cfg["tracking"]["experiment"], default_artifact_location(cfg))
     id_file = Path(run_dir) / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
     name = f"{stage}-{variant}" if variant else stage
