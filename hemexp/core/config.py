@@ -285,6 +285,9 @@ def _sampling_rules(cfg: dict[str, Any]) -> list[str]:
     if steps > timesteps:
         problems.append(f"sampling.ddim_steps: {steps} exceeds diffusion.timesteps = {timesteps} (DDIM skips "
                         "through the training schedule; use at most that many steps)")
+    if cfg["sampling"]["solver"] != "ddim" and cfg["sampling"]["eta"] != 0:
+        problems.append(f"sampling.eta: {cfg['sampling']['eta']} needs solver ddim (solver "
+                        f"{cfg['sampling']['solver']} is deterministic; set eta: 0)")
     return problems
 
 

@@ -1,4 +1,7 @@
-"""The one guided DDIM loop: classifier-free guidance on the clinical branch, items in chunks.
+"""The one guided sampling loop: classifier-free guidance on the clinical branch, items in chunks.
+
+The loop runs DDIM (MONAI) or a multistep solver (DPM-Solver++ 2M, UniPC; :mod:`hemexp.diffusion.solvers`):
+``sched`` is whatever :func:`hemexp.diffusion.solvers.make_scheduler` built.
 
 Every sampler of HemExp runs :func:`ddim_loop`: the training sample grid
 (:func:`hemexp.diffusion.train.sample_grid`, through :func:`ddim_sample`) and, through
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hemexp.diffusion import solvers
 from hemexp.diffusion.model import ConditionalLatentUNet, ddim_scheduler
 
 Progress = Callable[[int, int], None]  # (U-Net calls done, calls in total)
@@ -95,7 +99,7 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
               eta: float = 0.0, *, base_index: np.ndarray | None = None, cond_index: np.ndarray | None = None,
               step_noise: StepNoise | None = None, chunk_rows: int | None = None, precision: str = "32",
               channels_last: bool = False, progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the guided DDIM chain of every item; ``(x_0 [M, C, h, w] float32 on CPU, run info)``.
+    """Run the guided chain (DDIM or a multistep solver) of every item; ``(x_0 [M, C, h, w] float32 on CPU, run info)``.
 
     Items are the rows of ``noise`` (their x_T). Item i is conditioned on baseline row ``base_index[i]``
     of ``baseline`` ``[S, C*context, h, w]`` and on clinical/flag row ``cond_index[i]`` of ``clinical``
@@ -113,6 +117,8 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
     cond_index = np.arange(m) if cond_index is None else np.asarray(cond_index)
     if eta > 0 and step_noise is None:
         raise ValueError("eta > 0 needs step_noise")
+    if eta > 0 and solvers.is_multistep(sched):
+        raise ValueError("a multistep solver is deterministic: eta must be 0")
     which = branches(model, guidance_scale)
     rows_per_item = len(which)
     chunk = m if chunk_rows is None else max(1, int(chunk_rows) // rows_per_item)
@@ -122,15 +128,19 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
     t0 = time.perf_counter()
     for start in starts:
         idx = np.arange(start, min(start + chunk, m))
+        chain = solvers.fresh(sched)  # a multistep solver's history belongs to one chunk's chain
         x, base = noise[idx].to(device), baseline[base_index[idx]].to(device)
         clin, flag = _rows(clinical, cond_index[idx], device), _rows(flags, cond_index[idx], device)
         if channels_last:
             x, base = x.contiguous(memory_format=torch.channels_last), base.contiguous(memory_format=torch.channels_last)
-        for t in sched.timesteps:
+        for t in chain.timesteps:
             tt = torch.full((len(idx),), int(t), dtype=torch.long, device=device)
             with autocast(device, precision):
                 v = guided_v(model, x, tt, base, clin, flag, guidance_scale, which)
-            x = ddim_step(sched, v, int(t), x.float(), eta, step_noise(idx) if eta > 0 else None)
+            if solvers.is_multistep(chain):
+                x = solvers.step(chain, v, int(t), x.float())
+            else:
+                x = ddim_step(chain, v, int(t), x.float(), eta, step_noise(idx) if eta > 0 else None)
             calls += 1
             if progress is not None:
                 progress(calls, total_calls)

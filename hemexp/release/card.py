@@ -114,7 +114,7 @@ def _details(cfg: dict[str, Any], variant: str, meta: Mapping[str, Any]) -> str:
         f"{cfg['diffusion']['min_snr_gamma']}, {cfg['diffusion']['max_steps']} steps, EMA {cfg['diffusion']['ema_decay']}",
         f"- **Model grid:** {cfg['preprocess']['crop']} in-plane at {cfg['preprocess']['spacing_mm']} mm; "
         f"HU window {cfg['preprocess']['hu_window']}",
-        f"- **Sampling defaults:** {cfg['sampling']['n_samples']} samples, {cfg['sampling']['ddim_steps']} DDIM steps, "
+        f"- **Sampling defaults:** {cfg['sampling']['n_samples']} samples, {cfg['sampling']['ddim_steps']} {cfg['sampling']['solver']} steps, "
         f"guidance {cfg['sampling']['guidance_scale']}",
         f"- **Provenance:** git `{meta['git_commit']}`, config hash `{meta['config_hash']}`, data version "
         f"`{meta['data_version']}`, HemExp {meta['hemexp_version']}, MLflow run `{meta.get('run_id') or 'n/a'}`",

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples", type=int, default=None, help="samples per patient (default: sampling.n_samples)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: sampling.guidance_scale)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: sampling.ddim_steps)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (default: sampling.ddim_steps)")
+    p.add_argument("--solver", default=None, choices=["ddim", "dpmpp_2m", "unipc"],
+                   help="sampling solver (default: sampling.solver)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: sampling.seed)")
     p.add_argument("--chunk-size", type=int, default=None, help="U-Net rows per call (default: sampling.chunk_size)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -87,7 +89,7 @@ def _settings(cfg: dict[str, Any], args: argparse.Namespace) -> Any:
     from hemexp.sampling.sampler import SamplerSettings
 
     return SamplerSettings.from_config(cfg["sampling"], steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                                       chunk_size=args.chunk_size)
+                                       chunk_size=args.chunk_size, solver=args.solver)
 
 
 @patient_stage("sample")

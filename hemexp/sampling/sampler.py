@@ -39,7 +39,8 @@ from hemexp.core.runtime import get_logger
 from hemexp.diffusion.conditioning import N_CLINICAL
 from hemexp.diffusion.ddim import Progress, autocast, ddim_loop
 from hemexp.diffusion.latents import check_stats, denormalise, normalise
-from hemexp.diffusion.model import ConditionalLatentUNet, ddim_scheduler, load_diffusion
+from hemexp.diffusion.model import ConditionalLatentUNet, load_diffusion
+from hemexp.diffusion.solvers import make_scheduler
 from hemexp.io.shards import slice_image
 from hemexp.sampling.noise import SliceNoise
 from hemexp.vae.data import unwindow_ct, vae_channels
@@ -51,7 +52,7 @@ MAX_CHUNK_ROWS = 4096  # beyond this a bigger batch buys nothing on any current 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How to sample: DDIM steps, η, guidance scale, seed, chunking and numeric precision.
+    """How to sample: solver and its steps, η (DDIM only), guidance scale, seed, chunking and numeric precision.
 
     ``chunk_size``: U-Net batch rows per call (a guided item costs two rows); None = derived from free
     memory. ``precision``: 'auto' (bf16 autocast on CUDA, float32 on CPU), '32' or 'bf16'.
@@ -59,6 +60,7 @@ class SamplerSettings:
 
     steps: int = 100
     eta: float = 0.0
+    solver: str = "ddim"
     guidance_scale: float = 1.0
     seed: int = 0
     chunk_size: int | None = None
@@ -72,6 +74,7 @@ class SamplerSettings:
     def from_config(cls, sampling_cfg: dict[str, Any], **overrides: Any) -> SamplerSettings:
         """Settings from the ``sampling`` config section; ``overrides`` that are not None win."""
         values = {"steps": sampling_cfg["ddim_steps"], "eta": sampling_cfg["eta"],
+                  "solver": sampling_cfg.get("solver", "ddim"),
                   "guidance_scale": sampling_cfg["guidance_scale"], "seed": sampling_cfg["seed"],
                   "chunk_size": sampling_cfg["chunk_size"], "precision": sampling_cfg.get("precision", "auto"),
                   "memory_fraction": sampling_cfg.get("memory_fraction", 0.5),
@@ -184,7 +187,8 @@ def sample_deltas(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], basel
     field_ = SliceNoise(settings.slice_noise, settings.seed, sample_ids, slice_ids, shape,
                         slice_spacing_mm, settings.noise_correlation_mm)
     noise = field_.initial()  # [N*S, C, h, w], sample-major: drawn before chunking
-    out, info = ddim_loop(model, ddim_scheduler(sched_cfg, settings.steps), noise, baseline, clinical,
+    out, info = ddim_loop(model, make_scheduler(sched_cfg, settings.solver, settings.steps, settings.eta), noise,
+                          baseline, clinical,
                           torch.as_tensor(np.asarray(flags, dtype=np.int64)), settings.guidance_scale, settings.eta,
                           base_index=np.tile(np.arange(s), n), cond_index=np.repeat(np.arange(n), s),
                           step_noise=field_.step, chunk_rows=chunk_rows, precision=settings.precision,

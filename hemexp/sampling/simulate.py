@@ -141,7 +141,7 @@ def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, setting
     timings = {**fs.info.pop("timings_s"), "reassemble_s": time.perf_counter() - t1}
     summary.update(
         patient_id=patient.patient_id, variant=variant, clinical=patient.clinical, n_samples=plan.n_samples,
-        seed=settings.seed, guidance_scale=settings.guidance_scale, ddim_steps=settings.steps, eta=settings.eta,
+        seed=settings.seed, guidance_scale=settings.guidance_scale, ddim_steps=settings.steps, solver=settings.solver, eta=settings.eta,
         mask_threshold=sampling_cfg["mask_threshold"], z_margin_mm=sampling_cfg["z_margin_mm"],
         sampled_slices=[int(fs.zs[0]), int(fs.zs[-1])], grid={"shape": list(baseline["ct"].shape), "spacing_mm": spacing},
         sampler=fs.info, **dict(extra or {}),
