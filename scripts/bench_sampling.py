@@ -56,7 +56,7 @@ def time_once(model: torch.nn.Module, sched: dict, base: torch.Tensor, clinical:
 
 
 def bench(model: torch.nn.Module, sched: dict, shape: tuple[int, int, int], n_samples: int, n_slices: int,
-          settings: SamplerSettings, repeats: int) -> dict:
+          settings: SamplerSettings, repeats: int, reference_steps: int | None = None) -> dict:
     device = next(model.parameters()).device
     c, h, w = shape
     base = torch.randn(n_slices, c * model.context, h, w)
@@ -71,10 +71,26 @@ def bench(model: torch.nn.Module, sched: dict, shape: tuple[int, int, int], n_sa
         runs = [time_once(model, sched, base, clinical, flags, s) for _ in range(repeats)]
         secs = statistics.median(r[0] for r in runs)
         out[name] = {"seconds_median": secs, "seconds_all": [r[0] for r in runs], "items_per_s": items / secs,
-                     "chunk_rows": runs[0][1]["chunk_rows"], "unet_calls": runs[0][1]["unet_calls"]}
+                     "chunk_rows": runs[0][1]["chunk_rows"], "unet_calls": runs[0][1]["unet_calls"],
+                     "solver": s.solver, "steps": s.steps}
+    if reference_steps:
+        ref = SamplerSettings(**{**settings.__dict__, "chunk_size": 2 * rows_per_item, "steps": reference_steps,
+                                 "solver": "ddim", "precision": "32"})
+        runs = [time_reference(model, sched, base, clinical, flags, ref) for _ in range(repeats)]
+        secs = statistics.median(runs)
+        out["reference"] = {"seconds_median": secs, "seconds_all": runs, "items_per_s": items / secs,
+                            "chunk_rows": 2 * rows_per_item, "solver": "ddim", "steps": reference_steps,
+                            "pattern": "2 slices per U-Net call, samples one after another, fp32"}
+        out["speedup_vs_reference"] = out["batched"]["items_per_s"] / out["reference"]["items_per_s"]
     out["speedup"] = out["batched"]["items_per_s"] / out["loop"]["items_per_s"]
     out["device"] = str(device)
     return out
+
+
+def time_reference(model: torch.nn.Module, sched: dict, base: torch.Tensor, clinical: torch.Tensor, flags: list[int],
+                   settings: SamplerSettings) -> float:
+    """The paper's reference code pattern: one sample after another, 2 slices per U-Net call."""
+    return sum(time_once(model, sched, base, clinical, [f], settings)[0] for f in flags)
 
 
 def main() -> int:
@@ -84,7 +100,11 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a trained model.pt instead of the random demo model")
     ap.add_argument("--samples", type=int, default=None, help="N (default: sampling.n_samples)")
     ap.add_argument("--slices", type=int, default=10, help="S sampled slices per patient")
-    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: sampling.ddim_steps)")
+    ap.add_argument("--steps", type=int, default=None, help="solver steps (default: sampling.ddim_steps)")
+    ap.add_argument("--solver", default=None, help="batched path's solver (default: sampling.solver)")
+    ap.add_argument("--reference-steps", type=int, default=0,
+                    help="also time the reference code's pattern (DDIM at this many steps, 2 slices per call, "
+                         "samples in turn, fp32); the paper uses 100")
     ap.add_argument("--guidance", type=float, default=None, help="default: sampling.guidance_scale")
     ap.add_argument("--chunk-size", type=int, default=None, help="batched path rows per call (default: derived)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -112,19 +132,24 @@ def main() -> int:
         if args.compile:
             model.unet = torch.compile(model.unet)
     s = cfg["sampling"]
-    settings = SamplerSettings(steps=args.steps or s["ddim_steps"], guidance_scale=s["guidance_scale"]
+    settings = SamplerSettings(steps=args.steps or s["ddim_steps"], solver=args.solver or s.get("solver", "ddim"),
+                               guidance_scale=s["guidance_scale"]
                                if args.guidance is None else args.guidance, seed=0, chunk_size=args.chunk_size,
                                precision=s.get("precision", "auto"), memory_fraction=s.get("memory_fraction", 0.5))
-    result = bench(model, sched, shape, args.samples or s["n_samples"], args.slices, settings, args.repeats)
+    result = bench(model, sched, shape, args.samples or s["n_samples"], args.slices, settings, args.repeats,
+                   args.reference_steps or None)
     result.update(variant=variant, latent_shape=list(shape), n_samples=args.samples or s["n_samples"],
                   n_slices=args.slices, steps=settings.steps, guidance_scale=settings.guidance_scale,
                   threads=args.threads, compile=args.compile, torch=torch.__version__, machine=platform.processor()
                   or platform.machine(), cuda=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    for name in ("loop", "batched"):
-        r = result[name]
-        print(f"{name:8s}: {r['items_per_s']:8.2f} slice·samples/s  (median {r['seconds_median']:.2f} s, "
-              f"{r['unet_calls']} U-Net calls of {r['chunk_rows']} rows)")
+    for name in ("reference", "loop", "batched"):
+        if name in result:
+            r = result[name]
+            print(f"{name:9s}: {r['items_per_s']:8.2f} slice·samples/s  (median {r['seconds_median']:.2f} s, "
+                  f"{r['solver']} {r['steps']} steps, {r['chunk_rows']} rows per call)")
     print(f"speed-up batched / loop: {result['speedup']:.1f}x on {result['device']}")
+    if "speedup_vs_reference" in result:
+        print(f"speed-up batched / reference pattern: {result['speedup_vs_reference']:.1f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
