@@ -421,6 +421,13 @@ def variants(cfg: dict[str, Any]) -> dict[str, Variant]:
     }
 
 
+def unknown_variant(cfg: dict[str, Any], variant: str, command: str) -> str | None:
+    """The usage error of a ``command`` given a variant the config does not define (None when it does)."""
+    if variant in variants(cfg):
+        return None
+    return f"hemexp {command}: unknown variant {variant!r} (configured: {sorted(variants(cfg))})"
+
+
 def sampled_variants(cfg: dict[str, Any]) -> list[str]:
     """Variants that the sampling and evaluation stages run (``sampling.variants`` or all)."""
     return list(cfg["sampling"].get("variants") or cfg["diffusion"]["variants"])

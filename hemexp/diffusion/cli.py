@@ -87,13 +87,12 @@ def _latent_stats(args: argparse.Namespace) -> int:
 
 
 def _train_diffusion(args: argparse.Namespace) -> int:
-    from hemexp.core.config import variants
+    from hemexp.core.config import unknown_variant
     from hemexp.diffusion.train import train_diffusion
 
     cfg = config_from(args)
-    if args.variant not in variants(cfg):
-        print(f"hemexp train-diffusion: unknown variant {args.variant!r} (configured: {sorted(variants(cfg))})",
-              file=sys.stderr)
+    if problem := unknown_variant(cfg, args.variant, "train-diffusion"):
+        print(problem, file=sys.stderr)
         return 2
     model = Layout.of(cfg).diffusion_model(args.variant)
     if cfg["freeze_models"] and model.exists():

@@ -27,13 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from hemexp.core.config import variants
+    from hemexp.core.config import unknown_variant
     from hemexp.core.layout import Layout
     from hemexp.release.register import register_variant
 
     cfg = config_from(args)
-    if args.variant not in variants(cfg):
-        raise SystemExit(f"hemexp register-model: unknown variant {args.variant!r} (configured: {sorted(variants(cfg))})")
+    if problem := unknown_variant(cfg, args.variant, "register-model"):
+        raise SystemExit(problem)
     record = register_variant(cfg, args.variant)
     print(f"registered {record['name']} version {record['version']} (@candidate) -> "
           f"{Layout.of(cfg).release_dir(args.variant)}; use --models models:/{record['name']}@candidate")

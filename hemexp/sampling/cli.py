@@ -97,14 +97,14 @@ def _sample(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     import nibabel as nib
     import numpy as np
 
-    from hemexp.core.config import variants
+    from hemexp.core.config import unknown_variant
     from hemexp.preprocess.pipeline import read_summary
     from hemexp.sampling.flags import flag_plan_for
     from hemexp.sampling.sampler import load_bundle
     from hemexp.sampling.simulate import PatientInput, simulate_patient
 
-    if args.variant not in variants(cfg):
-        raise SystemExit(f"hemexp sample: unknown variant {args.variant!r} (configured: {sorted(variants(cfg))})")
+    if problem := unknown_variant(cfg, args.variant, "sample"):
+        raise SystemExit(problem)
     pdir = Layout.of(cfg).preprocessed(args.patient)
     pre = read_summary(args.patient, pdir)
     clf = Layout.of(cfg).classifier
@@ -118,11 +118,11 @@ def _sample(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     bundle = load_bundle(Layout.of(cfg).vae_model, diffusion, Layout.of(cfg).latent_stats, args.device)
     out = Path(args.out) if args.out else Layout.of(cfg).samples(args.variant, args.patient)
     patient = PatientInput(args.patient, pdir, pre["clinical"], followup if len(followup) == 3 else None)
-    ood = _ood_scores(cfg, args.patient, pre, bundle)
     summary = simulate_patient(bundle, patient, plan, _settings(cfg, args), cfg["sampling"],
                                cfg["preprocess"]["hu_window"], out, args.variant,
                                extra={"split": pre.get("split"), "site": pre.get("site"),
-                                      "flag_used_by_model": bool(bundle.diffusion.uses_flag), "ood": ood},
+                                      "flag_used_by_model": bool(bundle.diffusion.uses_flag)},
+                               ood=_ood_request(cfg, args.patient, pre),
                                dicom=_dicom_request(cfg, args.patient, args.variant, plan.source))
     fu = summary["followup_ml"]
     print(f"{args.patient} {args.variant}: {plan.n_samples} samples ({plan.source}, p={plan.p:.2f}); IPH median "
@@ -130,17 +130,14 @@ def _sample(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
           f"{summary['timings_s']['total_s']:.1f} s -> {out}")
 
 
-def _ood_scores(cfg: dict[str, Any], patient_id: str, pre: dict[str, Any], bundle: Any) -> dict[str, Any]:
-    """The OOD gate's scores of one workflow patient against ``models/ood/envelope.json`` (warnings on
-    stderr); a results folder without an envelope gets its values recorded but not judged."""
-    from hemexp.core.files import read_json
-    from hemexp.sampling.ood import score_input, warn
+def _ood_request(cfg: dict[str, Any], patient_id: str, pre: dict[str, Any]) -> Any:
+    """The OOD gate's request for one workflow patient (scored by ``simulate_patient`` against
+    ``models/ood/envelope.json``; a results folder without one gets its values recorded, not judged)."""
+    from hemexp.sampling.ood import OodRequest, pipeline_input_features
 
-    features = _pipeline_features(cfg, patient_id, pre, bundle.vae, bundle.stats, bundle.device)
     path = Layout.of(cfg).ood_envelope
-    scores = score_input(features, pre["clinical"], read_json(path) if path.is_file() else None)
-    warn(scores, patient_id)
-    return scores
+    return OodRequest(pipeline_input_features(cfg, patient_id, pre), pre["clinical"], None,
+                      path if path.is_file() else None)
 
 
 def _dicom_request(cfg: dict[str, Any], patient_id: str, variant: str, flag_source: str) -> DicomRequest | None:
@@ -227,30 +224,24 @@ def _vae_and_stats(cfg: dict[str, Any], device: str | None) -> tuple[Any, dict[s
     return load_vae(layout.vae_model, map_location=dev), read_json(layout.latent_stats), dev
 
 
-def _pipeline_features(cfg: dict[str, Any], patient_id: str, summary: dict[str, Any], vae: Any,
-                       stats: dict[str, Any], device: Any) -> dict[str, float]:
-    from hemexp.io.nifti import affine_spacing_mm
-    from hemexp.sampling.ood import pipeline_patient_features
-    from hemexp.sampling.simulate import PatientInput, load_baseline
-
-    baseline, affine = load_baseline(PatientInput(patient_id, Layout.of(cfg).preprocessed(patient_id), {}))
-    return pipeline_patient_features(cfg, patient_id, summary, baseline, affine_spacing_mm(affine)[2], vae, stats,
-                                     device)
-
-
 def _fit_ood(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from hemexp.core.files import write_json
+    from hemexp.io.nifti import affine_spacing_mm
     from hemexp.preprocess.pipeline import read_summary
-    from hemexp.sampling.ood import fit_envelope
+    from hemexp.sampling.ood import fit_envelope, model_features, pipeline_input_features
+    from hemexp.sampling.simulate import PatientInput, load_baseline
 
     cfg = config_from(args)
     vae, stats, device = _vae_and_stats(cfg, args.device)
     rows, clinical = [], []
     for pid in tqdm(sorted(args.patients), desc="OOD envelope"):
         summary = read_summary(pid, Layout.of(cfg).preprocessed(pid))
-        rows.append(_pipeline_features(cfg, pid, summary, vae, stats, device))
+        baseline, affine = load_baseline(PatientInput(pid, Layout.of(cfg).preprocessed(pid), {}))
+        rows.append({**pipeline_input_features(cfg, pid, summary),
+                     **model_features(vae, stats, baseline, affine_spacing_mm(affine)[2], cfg["sampling"]["z_margin_mm"],
+                                      cfg["preprocess"]["hu_window"], device)})
         clinical.append(summary["clinical"])
     ood = cfg["sampling"]["ood"]
     envelope = fit_envelope(rows, clinical, ood["margin"], ood["rel_floor"], patients=sorted(args.patients))

@@ -249,12 +249,9 @@ def score_input(features: Mapping[str, float | None], clinical_given: Mapping[st
 # ----------------------------------------------------------------------------- pipeline patients
 
 
-def pipeline_patient_features(cfg: Mapping[str, Any], patient_id: str, summary: Mapping[str, Any],
-                              baseline: Mapping[str, np.ndarray], spacing_z: float, vae: Any,
-                              stats: Mapping[str, Any], device: Any) -> dict[str, float]:
-    """Every feature of one preprocessed workflow patient: native scan and brain mask from
-    ``ingested/{p}/``, template fit from its ``summary.json``, VAE features from its model-grid
-    ``baseline`` (:func:`hemexp.sampling.simulate.load_baseline`). One function for ``fit-ood``
+def pipeline_input_features(cfg: Mapping[str, Any], patient_id: str, summary: Mapping[str, Any]) -> dict[str, float]:
+    """The features of one preprocessed workflow patient measured without the VAE: native scan and brain
+    mask from ``ingested/{p}/``, template fit from its ``summary.json``. One function for ``fit-ood``
     (training patients) and ``sample`` (test patients), so both are measured alike."""
     import nibabel as nib
 
@@ -265,10 +262,30 @@ def pipeline_patient_features(cfg: Mapping[str, Any], patient_id: str, summary: 
     native: dict[str, float] = {}
     if ct_path.is_file() and brain_path.is_file():  # absent only in results folders assembled by hand
         native = native_features(nib.load(str(ct_path)), np.asarray(nib.load(str(brain_path)).dataobj) > 0)
-    return {**native,
-            **registration_features(summary.get("registration", {}).get("template_similarity")),
-            **model_features(vae, stats, baseline, spacing_z, cfg["sampling"]["z_margin_mm"],
-                             cfg["preprocess"]["hu_window"], device)}
+    return {**native, **registration_features(summary.get("registration", {}).get("template_similarity"))}
+
+
+@dataclass(frozen=True)
+class OodRequest:
+    """What the gate needs besides the model-grid baseline: the features measured before sampling
+    (acquisition, template fit), the clinical values as given and as requested by a scenario, and the
+    training envelope's file (None: values recorded, not judged)."""
+
+    features: Mapping[str, float]
+    clinical_given: Mapping[str, float]
+    clinical_requested: Mapping[str, float] | None
+    envelope: Any  # Path | None
+
+
+def score_baseline(request: OodRequest, vae: Any, stats: Mapping[str, Any], baseline: Mapping[str, np.ndarray],
+                   spacing_z: float, z_margin_mm: float, hu_window: Sequence[float], device: Any) -> dict[str, Any]:
+    """The ``ood`` block of one patient about to be sampled: ``request``'s features plus the VAE features
+    of its loaded baseline (:func:`model_features`), scored against the envelope (:func:`score_input`)."""
+    from hemexp.core.files import read_json
+
+    features = {**request.features, **model_features(vae, stats, baseline, spacing_z, z_margin_mm, hu_window, device)}
+    envelope = read_json(request.envelope) if request.envelope is not None else None
+    return score_input(features, request.clinical_given, envelope, request.clinical_requested)
 
 
 def warn(scores: Mapping[str, Any], patient_id: str) -> None:

@@ -56,7 +56,7 @@ from hemexp.preprocess.register import (
 )
 from hemexp.sampling.figure import sample_figure
 from hemexp.sampling.flags import FlagPlan, classifier_probability, parse_flag_source, plan_flags
-from hemexp.sampling.ood import model_features, native_features, registration_features, score_input, warn
+from hemexp.sampling.ood import OodRequest, native_features, registration_features, score_baseline, warn
 from hemexp.sampling.products import (
     baseline_volumes,
     probability_maps,
@@ -114,17 +114,23 @@ def load_baseline(patient: PatientInput) -> tuple[dict[str, np.ndarray], np.ndar
 def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, settings: Any, sampling_cfg: Mapping[str, Any],
                      hu_window: Sequence[float], out_dir: str | Path, variant: str, progress: Any = None,
                      extra: Mapping[str, Any] | None = None, copy_dirs: Mapping[str, Path] | None = None,
-                     dicom: DicomRequest | None = None) -> dict[str, Any]:
+                     dicom: DicomRequest | None = None, ood: OodRequest | None = None) -> dict[str, Any]:
     """Sample ``plan``'s follow-ups of one patient and write every product into ``out_dir`` (atomic).
 
     ``extra`` is merged into summary.json; ``copy_dirs`` (name -> folder) are copied into the products;
     ``dicom`` (when given and the patient has native transforms) adds ``dicom/``
-    (:func:`hemexp.sampling.products.write_dicom_products`).
+    (:func:`hemexp.sampling.products.write_dicom_products`); ``ood`` scores the loaded baseline with the
+    out-of-distribution gate before sampling (summary ``ood``, warnings on stderr).
     """
 
     t0 = time.perf_counter()
     baseline, affine = load_baseline(patient)
     spacing = affine_spacing_mm(affine)
+    scores = None
+    if ood is not None:
+        scores = score_baseline(ood, bundle.vae, bundle.stats, baseline, spacing[2], sampling_cfg["z_margin_mm"],
+                                hu_window, bundle.device)
+        warn(scores, patient.patient_id)
     fs = generate_followups(bundle, baseline, spacing[2], clinical_vector(patient.clinical), plan.all_flags, settings,
                             sampling_cfg["z_margin_mm"], sampling_cfg["mask_threshold"], hu_window, progress)
     t1 = time.perf_counter()
@@ -146,6 +152,8 @@ def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, setting
         sampled_slices=[int(fs.zs[0]), int(fs.zs[-1])], grid={"shape": list(baseline["ct"].shape), "spacing_mm": spacing},
         sampler=fs.info, **dict(extra or {}),
     )
+    if scores is not None:
+        summary["ood"] = scores
     native = (patient.patient_dir / "transforms").is_dir()
     with atomic_dir(out_dir) as tmp:
         t2 = time.perf_counter()
@@ -383,31 +391,19 @@ def run_simulate(args: Any, cfg: dict[str, Any], settings: Any) -> int:
             p, label = float(source), "user" if source in (0.0, 1.0) else "probability"
         plan = plan_flags(p, args.n_samples or cfg["sampling"]["n_samples"], label)
         bundle = load_bundle(files["vae"], files["diffusion"], files["stats"], args.device)
-        ood = simulate_ood_scores(bundle, prep, prep_dir, cfg, clinical, apply_scenario(clinical, scenario, clamp=False),
-                                  files["ood"])
-        warn(ood, args.patient_id)
+        ood = OodRequest({**prep.get("native_features", {}),
+                          **registration_features(prep.get("registration", {}).get("template_similarity"))},
+                         clinical, apply_scenario(clinical, scenario, clamp=False), files["ood"])
         extra = {"clinical_given": clinical, "scenario": [c.__dict__ for c in scenario.changes],
                  "baseline_native_ml": native, "models": str(models), "template": cfg["preprocess"]["template"],
-                 "flag_used_by_model": bool(bundle.diffusion.uses_flag), "ood": ood}
+                 "flag_used_by_model": bool(bundle.diffusion.uses_flag)}
         with _progress(args.no_progress) as progress:
             summary = simulate_patient(bundle, PatientInput(args.patient_id, prep_dir, used), plan, settings,
                                        cfg["sampling"], cfg["preprocess"]["hu_window"], args.out, variant,
-                                       progress=progress, extra=extra, copy_dirs={"baseline": prep_dir}, dicom=dicom)
+                                       progress=progress, extra=extra, copy_dirs={"baseline": prep_dir}, dicom=dicom,
+                                       ood=ood)
     print_summary(summary, args.out)
     return 0
-
-
-def simulate_ood_scores(bundle: Any, prep: Mapping[str, Any], prep_dir: Path, cfg: Mapping[str, Any],
-                        given: Mapping[str, float], requested: Mapping[str, float],
-                        envelope_path: Path | None) -> dict[str, Any]:
-    """The OOD gate for ``hemexp simulate``: the features of :func:`prepare_baseline`'s summary plus the
-    VAE features of the prepared baseline, scored against the model folder's training envelope."""
-    baseline, affine = load_baseline(PatientInput(str(prep["patient_id"]), prep_dir, {}))
-    features = {**prep.get("native_features", {}),
-                **registration_features(prep.get("registration", {}).get("template_similarity")),
-                **model_features(bundle.vae, bundle.stats, baseline, affine_spacing_mm(affine)[2],
-                                 cfg["sampling"]["z_margin_mm"], cfg["preprocess"]["hu_window"], bundle.device)}
-    return score_input(features, given, read_json(envelope_path) if envelope_path else None, requested)
 
 
 class _progress:
