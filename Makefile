@@ -9,7 +9,10 @@ SNAKEMAKE_ARGS ?=
 # nnU-Net's own env (= config nnunet.venv; docs/nnunet.md)
 NNUNET_VENV := .venv-nnunet
 
-.PHONY: setup run test lint clean nnunet-env
+# The ground-truth validity study (README "Validity study"); other overlays: VALIDITY_CONFIG="...".
+VALIDITY_CONFIG ?= config/validity.yaml
+
+.PHONY: setup run test lint clean nnunet-env validity
 
 setup: $(STAMP)
 
@@ -24,6 +27,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+validity: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake validity --cores $(CORES) $(SNAKEMAKE_ARGS) \
+		--configfile config/config.yaml $(VALIDITY_CONFIG)
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -ra

@@ -4,6 +4,8 @@
 # the flag-conditioned variants again under results/samples_<source>/; each is one Table 2 row.
 from hemexp.core.layout import BASELINE_FILES, REFERENCE_MASKS, sample_files
 from hemexp.baselines.nnunet.dataset import baseline_methods
+from hemexp.evaluation.validity.report import PRODUCTS as VALIDITY_TABLES
+from hemexp.evaluation.validity.study import studied_variants
 
 EVAL_CAT = "5. Evaluation"
 GUIDANCE_CAT = "6. Clinical guidance"
@@ -156,3 +158,71 @@ if PERTURB_VARIANT and TEST:
             "hemexp perturb {params.variant} --patients {params.patients} --config {params.config} > {log} 2>&1"
 
     FINAL_TARGETS += list(rules.perturb.output)
+
+
+# Ground-truth validity study (config/validity.yaml, `make validity`; README "Validity study"): not
+# part of `rule all`, a named target `validity`. One sampling job per studied variant (an ablation
+# row each), then one report scoring every variant against the synthetic cohort's law.
+VALIDITY_VARIANTS = studied_variants(config)
+
+if TEST and config["cohort"]["source"] == "synthetic":
+
+    rule validity_sample:
+        """Validity samples of one variant for every test patient: calibration/adherence sets under flag
+        1 and flag 0, and the clinical scenarios and guidance profiles under the true flag."""
+        input:
+            preprocessed=[f for p in TEST for f in preprocessed(p, ("summary.json", *BASELINE_FILES))],
+            model=DIFFUSION_MODEL,
+            vae=VAE_MODEL,
+            stats=LATENT_STATS,
+        output:
+            samples=str(L.validity_volumes("{variant}")),
+            diagnostics=str(L.validity_diagnostics("{variant}")),
+        log:
+            str(L.log("validity_sample", "{variant}")),
+        benchmark:
+            str(L.benchmark("validity_sample", L.log("validity_sample", "{variant}")))
+        wildcard_constraints:
+            variant=one_of(VALIDITY_VARIANTS),
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("validity_sample"),
+        params:
+            cfg=cfg_hash("evaluation", "sampling"),
+            patients=" ".join(TEST),
+            config=RESOLVED_CONFIG,
+        shell:
+            "hemexp validity-sample {wildcards.variant} --patients {params.patients} --config {params.config} "
+            "> {log} 2>&1"
+
+    rule validity:
+        """The validity study's tables, targets and figure over every studied variant."""
+        input:
+            samples=[str(L.validity_volumes(v)) for v in VALIDITY_VARIANTS],
+            diagnostics=[str(L.validity_diagnostics(v)) for v in VALIDITY_VARIANTS],
+            truth=str(L.truth),
+            preprocessed=[f for p in TEST for f in preprocessed(p, ("summary.json", *REFERENCE_MASKS))],
+        output:
+            tables=[str(L.validity_product(f"{t}.csv")) for t in VALIDITY_TABLES],
+            md=str(L.validity_product("study.md")),
+            json=str(L.validity_product("study.json")),
+            figure=report(
+                str(L.validity_product("validity.png")),
+                category="7. Validity study",
+                caption="../report/validity.rst",
+            ),
+        log:
+            str(L.log("validity")),
+        benchmark:
+            str(L.benchmark("validity", L.log("validity")))
+        conda:
+            HEMEXP_ENV
+        resources:
+            **R("validity"),
+        params:
+            cfg=cfg_hash("evaluation"),
+            patients=" ".join(TEST),
+            config=RESOLVED_CONFIG,
+        shell:
+            "hemexp validity-report --patients {params.patients} --config {params.config} > {log} 2>&1"

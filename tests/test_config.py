@@ -27,6 +27,29 @@ def test_cohort72_overlay_validates_on_top_of_the_default():
     assert sum(cfg["cohort"]["synthetic"]["sites"].values()) == cfg["cohort"]["synthetic"]["n_patients"] == 78
 
 
+@pytest.mark.parametrize("overlays", [["validity.yaml"], ["validity.yaml", "validity_law_b.yaml"],
+                                      ["validity.yaml", "validity_gpu.yaml"]])
+def test_validity_overlays_validate_and_keep_their_own_results_folder(overlays):
+    """The validity study's overlays merge onto config.yaml (leaf by leaf, as Snakemake merges them),
+    validate, study only configured variants and write under a folder of their own."""
+    from hemexp.tracking.runs import flatten
+
+    merged: dict = {}
+    for name in overlays:
+        merged.update(flatten(yaml.safe_load((REPO_ROOT / "config" / name).read_text())))
+    cfg = load_config(DEFAULT_CONFIG, merged)
+    syn = cfg["cohort"]["synthetic"]
+    assert sum(syn["sites"].values()) == syn["n_patients"] >= 200
+    assert cfg["results_dir"].startswith("results_validity") and cfg["sampling"]["n_samples"] >= 20
+    assert set(cfg["evaluation"]["validity"]["variants"]) <= set(cfg["diffusion"]["variants"])
+    assert not syn["calibrate_noise"]  # the oracle is the law only if the law's noise is left alone
+
+
+def test_validity_variants_must_be_configured(cfg):
+    cfg["evaluation"]["validity"]["variants"] = ["2D-nope"]
+    assert "evaluation.validity.variants" in _errors(cfg)
+
+
 def _errors(cfg) -> str:
     with pytest.raises(ConfigError) as info:
         validate_config(cfg)

@@ -26,12 +26,14 @@ torch.set_num_threads(1)
 C, HW = 4, 8
 
 
-def tiny(conditioning: str = "ice", context: int = 1, seed: int = 0) -> ConditionalLatentUNet:
+def tiny(conditioning: str = "ice", context: int = 1, seed: int = 0, cross_attention: bool = False
+         ) -> ConditionalLatentUNet:
     """A tiny U-Net whose zero-initialised convs (MONAI zero-inits each residual branch's last conv
     and the output conv, so a fresh U-Net ignores t and conditions) are randomised, as after training."""
     torch.manual_seed(seed)
     model = ConditionalLatentUNet(C, context, conditioning, channels=[8, 16], attention_levels=[False, True],
-                                  num_res_blocks=1, num_head_channels=8, norm_num_groups=4, clinical_hidden=16)
+                                  num_res_blocks=1, num_head_channels=8, norm_num_groups=4, clinical_hidden=16,
+                                  cross_attention=cross_attention)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1 and not p.any():
@@ -173,3 +175,29 @@ def test_ddim_sample_is_seeded_and_guidance_uses_both_branches():
     torch.testing.assert_close(sample(1.0), a)
     assert (sample(1.0, seed=4) - a).abs().max() > 1e-3
     assert (sample(3.0) - a).abs().max() > 1e-5  # guidance > 1 extrapolates away from the null branch
+
+
+def test_cross_attention_tokens_condition_the_unet_and_drop_like_the_additive_branch(tmp_path):
+    """cross_attention: clinical values and flag are also attended tokens; removing the additive
+    embedding's effect (zeroing it) leaves the tokens alone moving the output, the null tokens replace
+    the clinical ones exactly where dropped, and the saved model round-trips."""
+    model, x = tiny("ice", cross_attention=True), inputs()
+    assert model.unet.with_conditioning and model.tokens is not None
+    tokens = model.tokens(pack_condition(x["clinical"], x["flag"], torch.zeros(4, dtype=torch.bool)))
+    assert tokens.shape == (4, 8, 16)  # 7 clinical tokens + the flag token, width 2 x channels[0]
+    with torch.no_grad():
+        for p in model.unet.class_embedding.parameters():
+            p.zero_()  # only the tokens can carry the condition now
+    base = run(model, x)
+    assert (run(model, x, flag=1 - x["flag"]) - base).abs().max() > 1e-4
+    assert (run(model, x, clinical=1 - x["clinical"]) - base).abs().max() > 1e-4
+    drop = torch.ones(4, dtype=torch.bool)
+    torch.testing.assert_close(run(model, x, drop_clinical=drop), run(model, x, clinical=1 - x["clinical"],
+                                                                        drop_clinical=drop))
+    cfg = load_config(None)["diffusion"]
+    cfg = {**cfg, "unet": {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1,
+                           "num_head_channels": 8, "norm_num_groups": 4, "clinical_hidden": 16}}
+    save_diffusion(tmp_path / "model.pt", model, model_config(cfg, 1, "ice", C, cross_attention=True),
+                   {"name": "2D-ice-xattn"}, scheduler_config(cfg))
+    loaded, _, _ = load_diffusion(tmp_path / "model.pt")
+    torch.testing.assert_close(run(loaded, x), base)

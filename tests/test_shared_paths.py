@@ -63,12 +63,12 @@ def test_sample_command_and_guidance_study_encode_the_same_baseline(monkeypatch)
         seen["cond"], seen["zs"] = cond, np.asarray(slice_ids)
         return torch.zeros(len(flags), cond.shape[0], LATENT_C, *cond.shape[-2:]), {"seconds": 0.0}
 
-    def fake_decode(vae, z, device, threshold, batch=64):
+    def fake_decode(vae, z, device, batch=64):
         seen["z_fu"] = z  # = denormalise(centre + 0)
         raise _Stop
 
     monkeypatch.setattr(smp, "sample_deltas", fake_deltas)
-    monkeypatch.setattr(smp, "decode", fake_decode)
+    monkeypatch.setattr(smp, "decode_probabilities", fake_decode)  # under every decode mode
     with pytest.raises(_Stop):
         generate_followups(bundle, base, 3.0, np.full(7, 0.5, np.float32), [1], settings, z_margin_mm=3.0,
                            mask_threshold=0.5, hu_window=(0, 100))

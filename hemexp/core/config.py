@@ -209,6 +209,9 @@ def _variant_rules(cfg: dict[str, Any]) -> list[str]:
             elif "e" not in known[name]["conditioning"]:
                 problems.append(f"evaluation.flag_source_passes.{source}: variant {name!r} is not flag-conditioned "
                                 "(conditioning without 'e'), a flag pass would repeat its main row")
+    for name in (cfg["evaluation"].get("validity") or {}).get("variants") or []:
+        if name not in known:
+            problems.append(f"evaluation.validity.variants: {name!r} is not a diffusion variant (allowed: {sorted(known)})")
     return problems
 
 
@@ -403,6 +406,7 @@ class Variant:
     name: str
     context: int  # number of axial slices fed in (1 = 2D, 3 or 5 = 2.5D)
     conditioning: str  # "i" imaging only, "ic" + clinical, "ice" + expansion flag
+    cross_attention: bool = False  # clinical values and flag also as cross-attention tokens
 
     @property
     def uses_clinical(self) -> bool:
@@ -416,7 +420,8 @@ class Variant:
 def variants(cfg: dict[str, Any]) -> dict[str, Variant]:
     """Resolve the configured diffusion variants into :class:`Variant` objects, keyed by name."""
     return {
-        name: Variant(name=name, context=int(spec["context"]), conditioning=spec["conditioning"])
+        name: Variant(name=name, context=int(spec["context"]), conditioning=spec["conditioning"],
+                      cross_attention=bool(spec.get("cross_attention", False)))
         for name, spec in cfg["diffusion"]["variants"].items()
     }
 

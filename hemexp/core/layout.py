@@ -205,6 +205,23 @@ class Layout:
     def figure(self, name: str) -> Path:
         return self.figures_dir / name
 
+    # ------------------------------------------------------------------ validity study
+    @property
+    def validity_dir(self) -> Path:
+        """The ground-truth validity study (``hemexp validity-sample`` / ``validity-report``)."""
+        return self.root / "validity"
+
+    def validity_volumes(self, variant: str) -> Path:
+        """Every sampled volume of one studied variant: calibration/adherence rows and effect rows."""
+        return self.validity_dir / "samples" / f"{variant}.csv"
+
+    def validity_diagnostics(self, variant: str) -> Path:
+        """Conditioning sensitivity and VAE volume bias of one studied variant."""
+        return self.validity_dir / "samples" / f"{variant}.diagnostics.json"
+
+    def validity_product(self, name: str) -> Path:
+        return self.validity_dir / name
+
     @property
     def report(self) -> Path:
         return self.root / "report.html"

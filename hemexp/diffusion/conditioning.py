@@ -12,6 +12,12 @@ The paper conditions the denoiser three ways, and each has its own path into the
   conditional and the null branch run in one batched call).
 * **expansion flag** — a learned ``nn.Embedding(2, dim)`` added to the time embedding; never dropped.
 
+Optionally (a variant's ``cross_attention: true``) the same inputs also travel as **tokens** for MONAI's
+cross-attention (``with_conditioning``; :class:`ConditionTokens`): one token per clinical variable and
+one for the flag, attended by every spatial position at the U-Net's attention levels, so the condition
+can act differently on different parts of the image (the growing rim, not the whole slice) instead of
+as one additive shift of every feature map. The null clinical tokens are learned too.
+
 MONAI's ``DiffusionModelUNet`` adds ``self.class_embedding(class_labels)`` to its time embedding and
 has no additive continuous-vector input. Rather than copying its forward pass, :class:`ConditionEmbedding`
 takes the place of that ``class_embedding`` module: the three per-sample inputs travel packed in the
@@ -102,3 +108,32 @@ class ConditionEmbedding(nn.Module):
         if ((flag < 0) | (flag > 1)).any():
             raise ValueError("expansion flag must be 0 or 1")
         return clinical, flag, drop
+
+
+class ConditionTokens(nn.Module):
+    """Cross-attention context ``[B, n_clinical + flag, dim]`` from the packed condition.
+
+    Clinical variable i becomes ``value_i * w_i + b_i`` (its own learned direction and offset, then a
+    shared MLP), the flag its own embedding; where ``drop_clinical`` is set the clinical tokens are
+    replaced by learned null tokens (classifier-free guidance acts on this branch exactly as on the
+    additive one). The flag token is never dropped.
+    """
+
+    def __init__(self, dim: int, conditioning: str, n_clinical: int = N_CLINICAL):
+        super().__init__()
+        if not uses_clinical(conditioning):
+            raise ValueError(f"conditioning {conditioning!r} has no clinical branch; no tokens to attend to")
+        self.n_clinical = n_clinical
+        self.weight = nn.Parameter(torch.randn(n_clinical, dim) * 0.02)
+        self.bias = nn.Parameter(torch.randn(n_clinical, dim) * 0.02)
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))
+        self.null_tokens = nn.Parameter(torch.randn(n_clinical, dim) * 0.02)
+        self.flag_embedding = nn.Embedding(2, dim) if uses_flag(conditioning) else None
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        clinical, flag, drop = ConditionEmbedding.unpack(self, packed)  # same layout, same checks
+        tokens = self.mlp(clinical.unsqueeze(-1) * self.weight + self.bias)
+        tokens = torch.where(drop[:, None, None], self.null_tokens.to(tokens.dtype).expand_as(tokens), tokens)
+        if self.flag_embedding is not None:
+            tokens = torch.cat([tokens, self.flag_embedding(flag).to(tokens.dtype).unsqueeze(1)], dim=1)
+        return tokens

@@ -35,7 +35,13 @@ from torch import nn
 from hemexp.core.clinical import CLINICAL_NAMES
 from hemexp.core.errors import reading_product
 from hemexp.core.files import atomic_path
-from hemexp.diffusion.conditioning import ConditionEmbedding, pack_condition, uses_clinical, uses_flag
+from hemexp.diffusion.conditioning import (
+    ConditionEmbedding,
+    ConditionTokens,
+    pack_condition,
+    uses_clinical,
+    uses_flag,
+)
 
 # Config names -> MONAI NoiseSchedules names. MONAI >= 1.4 ships 'sigmoid_beta' (the reference
 # code's 'sigmoid'), so no schedule needs registering; the short names are kept for readability.
@@ -56,17 +62,20 @@ class ConditionalLatentUNet(nn.Module):
         conditioning: 'i', 'ic' or 'ice' (see :mod:`hemexp.diffusion.conditioning`).
         channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups: MONAI U-Net.
         clinical_hidden: hidden width of the clinical MLP.
+        cross_attention: also feed the condition as cross-attention tokens (:class:`ConditionTokens`).
     """
 
     def __init__(self, latent_channels: int, context: int, conditioning: str, channels: list[int],
                  attention_levels: list[bool], num_res_blocks: int = 2, num_head_channels: int = 32,
-                 norm_num_groups: int = 32, clinical_hidden: int = 64):
+                 norm_num_groups: int = 32, clinical_hidden: int = 64, cross_attention: bool = False):
         super().__init__()
         self.latent_channels = latent_channels
         self.context = context
         self.conditioning = conditioning
         self.uses_clinical = uses_clinical(conditioning)
         self.uses_flag = uses_flag(conditioning)
+        self.cross_attention = bool(cross_attention) and self.uses_clinical
+        token_dim = int(channels[0]) * 2
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
             in_channels=latent_channels * (1 + context),
@@ -77,7 +86,10 @@ class ConditionalLatentUNet(nn.Module):
             num_head_channels=num_head_channels,
             norm_num_groups=norm_num_groups,
             num_class_embeds=2 if self.uses_clinical else None,
+            with_conditioning=self.cross_attention,
+            cross_attention_dim=token_dim if self.cross_attention else None,
         )
+        self.tokens = ConditionTokens(token_dim, conditioning) if self.cross_attention else None
         if self.uses_clinical:
             # Replace MONAI's nn.Embedding with the additive clinical/flag embedding (same output width).
             dim = self.unet.class_embedding.embedding_dim
@@ -107,11 +119,12 @@ class ConditionalLatentUNet(nn.Module):
         if drop_clinical is None:
             drop_clinical = torch.zeros(batch, dtype=torch.bool, device=x.device)
         labels = pack_condition(clinical.to(x.device), flag.to(x.device), drop_clinical.to(x.device))
-        return self.unet(x, t, class_labels=labels)
+        context = self.tokens(labels).to(x.dtype) if self.tokens is not None else None
+        return self.unet(x, t, context=context, class_labels=labels)
 
 
 def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioning: str,
-                 latent_channels: int) -> dict[str, Any]:
+                 latent_channels: int, cross_attention: bool = False) -> dict[str, Any]:
     """The constructor arguments of :class:`ConditionalLatentUNet` (saved with the weights)."""
     unet = diffusion_cfg["unet"]
     return {
@@ -124,6 +137,7 @@ def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioni
         "num_head_channels": int(unet["num_head_channels"]),
         "norm_num_groups": int(unet["norm_num_groups"]),
         "clinical_hidden": int(unet["clinical_hidden"]),
+        "cross_attention": bool(cross_attention),
     }
 
 

@@ -271,11 +271,11 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     dataset = LatentPairs(lats, stats, spec.context, step, flips=bool(dcfg["hflip"]))
     channels = int(lats[0].z_bl.shape[1])
     del lats  # the dataset holds normalised copies; free the raw cache (GBs at paper scale)
-    model_cfg = model_config(dcfg, spec.context, spec.conditioning, channels)
+    model_cfg = model_config(dcfg, spec.context, spec.conditioning, channels, spec.cross_attention)
     sched_cfg = scheduler_config(dcfg)
     info = {"name": variant, "context": spec.context, "conditioning": spec.conditioning,
             "latent_channels": channels, "step_slices": step, "context_step_mm": cfg["shards"]["context_step_mm"],
-            "clinical_names": list(CLINICAL_NAMES)}
+            "clinical_names": list(CLINICAL_NAMES), "cross_attention": spec.cross_attention}
     fingerprint = common.training_fingerprint(fingerprint_cfg(dcfg), info, cfg["seed"], stats["mean"],
                                               stats["std"], train_ids)
     rank0 = common.global_rank() == 0

@@ -33,6 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arg(p)
     p.set_defaults(func=_perturb)
 
+    p = sub.add_parser("validity-sample", help="validity study: sample every test patient for one variant "
+                                               "-> results/validity/samples/<variant>.csv")
+    p.add_argument("variant", help="diffusion variant (one of evaluation.validity.variants)")
+    p.add_argument("--patients", nargs="+", default=None, help="test patients (default: the cohort's test split)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_config_arg(p)
+    p.set_defaults(func=_validity_sample)
+
+    p = sub.add_parser("validity-report", help="validity study tables, targets and figure of every studied "
+                                               "variant -> results/validity/")
+    p.add_argument("--patients", nargs="+", default=None, help="test patients (default: the cohort's test split)")
+    add_config_arg(p)
+    p.set_defaults(func=_validity_report)
+
 
 def _test_patients(cfg: dict[str, Any], given: list[str] | None) -> list[str]:
     from hemexp.cohort.patients import patients
@@ -117,3 +131,47 @@ def _run_perturb(cfg: dict[str, Any], variant: str, ids: list[str], device: str 
         except FileNotFoundError as err:
             get_logger(__name__).warning("MLflow: %s", err)
     return numbers
+
+
+def _validity_sample(args: argparse.Namespace) -> int:
+    from hemexp.core.config import unknown_variant
+    from hemexp.core.errors import PatientInputError
+    from hemexp.evaluation.validity.study import run_validity_sampling
+
+    cfg = config_from(args)
+    problem = unknown_variant(cfg, args.variant, "validity-sample")
+    ids = _test_patients(cfg, args.patients)
+    if problem or not ids:
+        print(problem or "hemexp validity-sample: the cohort has no test patients", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        table = run_validity_sampling(cfg, args.variant, ids, args.device)
+    except PatientInputError as err:
+        report_failure(cfg, "validity-sample", err)
+        return 1
+    print(f"{args.variant}: {len(table)} validity samples of {len(ids)} test patients in "
+          f"{time.perf_counter() - t0:.1f} s -> {Layout.of(cfg).validity_volumes(args.variant)}")
+    return 0
+
+
+def _validity_report(args: argparse.Namespace) -> int:
+    from hemexp.core.errors import PatientInputError
+    from hemexp.evaluation.validity.report import write_validity_report
+    from hemexp.evaluation.validity.study import studied_variants
+
+    cfg = config_from(args)
+    if cfg["cohort"]["source"] != "synthetic":
+        print("hemexp validity-report: the validity study needs the synthetic cohort's ground truth "
+              "(cohort.source: synthetic)", file=sys.stderr)
+        return 2
+    ids = _test_patients(cfg, args.patients)
+    try:
+        numbers = write_validity_report(cfg, ids, studied_variants(cfg))
+    except PatientInputError as err:
+        report_failure(cfg, "validity-report", err)
+        return 1
+    met = {k.removesuffix(".targets_met"): int(v) for k, v in numbers.items() if k.endswith(".targets_met")}
+    print(f"validity study of {len(ids)} test patients -> {Layout.of(cfg).validity_dir}; targets met per "
+          f"variant: {met}")
+    return 0

@@ -47,6 +47,7 @@ from hemexp.vae.data import unwindow_ct, vae_channels
 from hemexp.vae.model import load_vae
 
 log = get_logger(__name__)
+DECODE_MODES = ("absolute", "residual")
 MAX_CHUNK_ROWS = 4096  # beyond this a bigger batch buys nothing on any current accelerator
 
 
@@ -69,6 +70,7 @@ class SamplerSettings:
     decode_batch: int = 64
     slice_noise: str = "shared"
     noise_correlation_mm: float = 30.0
+    decode: str = "absolute"
 
     @classmethod
     def from_config(cls, sampling_cfg: dict[str, Any], **overrides: Any) -> SamplerSettings:
@@ -79,7 +81,8 @@ class SamplerSettings:
                   "chunk_size": sampling_cfg["chunk_size"], "precision": sampling_cfg.get("precision", "auto"),
                   "memory_fraction": sampling_cfg.get("memory_fraction", 0.5),
                   "slice_noise": sampling_cfg.get("slice_noise", "shared"),
-                  "noise_correlation_mm": sampling_cfg.get("noise_correlation_mm", 30.0)}
+                  "noise_correlation_mm": sampling_cfg.get("noise_correlation_mm", 30.0),
+                  "decode": sampling_cfg.get("decode", "absolute")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -274,17 +277,69 @@ def encode(vae: Any, images: np.ndarray, device: torch.device, batch: int = 64) 
 
 
 @torch.no_grad()
-def decode(vae: Any, z: torch.Tensor, device: torch.device, threshold: float,
-           batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Latents ``[M, C, h, w]`` -> (CT in [0, 1], IPH mask, IVH mask), each ``[M, H, W]``; masks are
-    sigmoid(logit) > ``threshold`` as uint8."""
+def decode_probabilities(vae: Any, z: torch.Tensor, device: torch.device,
+                         batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Latents ``[M, C, h, w]`` -> (CT in [0, 1], P(IPH), P(IVH)), each ``[M, H, W]`` float32."""
     ct, iph, ivh = [], [], []
     for i in range(0, len(z), batch):
         out = vae.decode(z[i:i + batch].to(device))
         ct.append(out["ct"][:, 0].float().clamp(0.0, 1.0).cpu().numpy())
-        iph.append((torch.sigmoid(out["iph_logits"][:, 0].float()) > threshold).cpu().numpy().astype(np.uint8))
-        ivh.append((torch.sigmoid(out["ivh_logits"][:, 0].float()) > threshold).cpu().numpy().astype(np.uint8))
+        iph.append(torch.sigmoid(out["iph_logits"][:, 0].float()).cpu().numpy())
+        ivh.append(torch.sigmoid(out["ivh_logits"][:, 0].float()).cpu().numpy())
     return np.concatenate(ct), np.concatenate(iph), np.concatenate(ivh)
+
+
+def decode(vae: Any, z: torch.Tensor, device: torch.device, threshold: float,
+           batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Latents ``[M, C, h, w]`` -> (CT in [0, 1], IPH mask, IVH mask), each ``[M, H, W]``; masks are
+    sigmoid(logit) > ``threshold`` as uint8."""
+    ct, iph, ivh = decode_probabilities(vae, z, device, batch)
+    return ct, (iph > threshold).astype(np.uint8), (ivh > threshold).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class DecodeReference:
+    """What residual decoding adds a sample's decoded change to, on the sampled slices ``[S, H, W]``:
+    the baseline itself (windowed CT, IPH, IVH: the VAE inputs) and the VAE's decoding of the baseline
+    latents (CT, P(IPH), P(IVH))."""
+
+    inputs: np.ndarray  # [S, 3, H, W]
+    decoded: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def decode_reference(bundle: ModelBundle, baseline: dict[str, np.ndarray], enc: EncodedBaseline,
+                     hu_window: Sequence[float], batch: int = 64) -> DecodeReference:
+    """The baseline slices and their VAE round trip: decoded once per patient, reused by every sample."""
+    inputs = slice_stack(baseline["ct"], baseline["iph"], baseline["ivh"], enc.zs, hu_window)
+    z_bl = denormalise(enc.centre, bundle.stats)
+    return DecodeReference(inputs=inputs, decoded=decode_probabilities(bundle.vae, z_bl, bundle.device, batch))
+
+
+def decode_followups(bundle: ModelBundle, z_fu: torch.Tensor, n_samples: int, mode: str, threshold: float,
+                     batch: int = 64, reference: DecodeReference | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode ``n_samples`` × S follow-up latents ``[N*S, C, h, w]`` -> (CT [0, 1], IPH, IVH) ``[N*S, H, W]``.
+
+    ``absolute`` (``sampling.decode``): the decoder's image of ``z_bl + Δz``, the paper's decoding; its
+    volumes carry the VAE's reconstruction error of the whole hematoma, not only of the change.
+    ``residual``: the baseline plus the decoded *change*, ``x_bl + D(z_bl + Δz) − D(z_bl)`` (CT, and
+    the masks' probabilities before the threshold), so Δz = 0 returns the baseline exactly and the
+    VAE's systematic error at this anatomy cancels; only the learned change reaches the volumes.
+    """
+    ct, p_iph, p_ivh = decode_probabilities(bundle.vae, z_fu, bundle.device, batch)
+    if mode == "residual":
+        if reference is None:
+            raise ValueError("residual decoding needs the baseline's DecodeReference")
+        s = len(reference.inputs)
+        shape = (n_samples, s, *ct.shape[1:])
+        parts = []
+        for decoded, k in zip((ct, p_iph, p_ivh), range(3), strict=True):
+            change = decoded.reshape(shape) - reference.decoded[k][None]
+            parts.append((reference.inputs[None, :, k] + change).reshape(decoded.shape))
+        ct, p_iph, p_ivh = np.clip(parts[0], 0.0, 1.0), parts[1], parts[2]
+    elif mode != "absolute":
+        raise ValueError(f"sampling.decode must be one of {DECODE_MODES}, got {mode!r}")
+    return ct, (p_iph > threshold).astype(np.uint8), (p_ivh > threshold).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -336,7 +391,8 @@ def generate_followups(bundle: ModelBundle, baseline: dict[str, np.ndarray], spa
     """Sample N follow-ups of one patient from its model-grid baseline (``ct`` HU, ``iph``, ``ivh``).
 
     Encode the sampled slices and their context with the frozen VAE, draw normalised Δz, decode
-    ``denormalise(normalise(z_bl) + Δz)`` and threshold the mask heads. ``clinical`` is ``[7]`` or one
+    ``denormalise(normalise(z_bl) + Δz)`` (absolutely or as a change to the baseline,
+    ``settings.decode``: :func:`decode_followups`) and threshold the mask heads. ``clinical`` is ``[7]`` or one
     row per sample ``[N, 7]``; ``sample_ids`` key the noise (default 0..N-1; equal ids = common noise).
     """
     timings: dict[str, float] = {}
@@ -350,7 +406,10 @@ def generate_followups(bundle: ModelBundle, baseline: dict[str, np.ndarray], spa
     timings["sample_s"] = run.pop("seconds")
     t1 = time.perf_counter()
     z_fu = denormalise(enc.centre.unsqueeze(0) + delta, bundle.stats).flatten(0, 1)
-    ct01, iph, ivh = decode(bundle.vae, z_fu, bundle.device, mask_threshold, settings.decode_batch)
+    reference = (decode_reference(bundle, baseline, enc, hu_window, settings.decode_batch)
+                 if settings.decode == "residual" else None)
+    ct01, iph, ivh = decode_followups(bundle, z_fu, len(flags), settings.decode, mask_threshold,
+                                      settings.decode_batch, reference)
     timings["decode_s"] = time.perf_counter() - t1
     n, s = len(flags), len(zs)
     shape = (n, s, *ct01.shape[1:])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 
 from hemexp.core.clinical import EXPANSION_ABS_ML, EXPANSION_REL
 
@@ -136,6 +137,38 @@ def expected_followup_given_flag(clinical: Mapping[str, float], law: Mapping[str
     if mass < 1e-12:
         return v0 * (1.0 + min(math.exp(thr), cap))
     return v0 * (1.0 + part / mass)
+
+
+def predictive_relative_growth(clinical: Mapping[str, float], law: Mapping[str, float], n: int,
+                               flag: int | None = None) -> list[float]:
+    """``n`` equally weighted points of the law's own predictive distribution of relative growth r.
+
+    The oracle forecast of the validity study: the best any model can do, since the law is known. Points
+    are the mid-quantiles ``(i + 1/2) / n`` of eta ~ N(mu, noise_sd^2), restricted to the flag's side
+    of the expansion threshold when ``flag`` is given (a flag-conditioned model is asked for the
+    follow-up *given* the flag), then capped like :func:`realised_growth`. Quantiles rather than random
+    draws keep this module free of randomness and make the oracle's CRPS reproducible to the digit.
+    """
+    mu = linear_predictor(clinical, law)
+    sd, cap = float(law["noise_sd"]), float(law["max_relative_growth"])
+    if sd <= 0 or n < 1:
+        return [min(math.exp(mu), cap)] * max(n, 0)
+    lo, hi = 0.0, 1.0
+    if flag is not None:
+        p_below = _phi((expansion_eta_threshold(float(clinical["baseline_iph_ml"])) - mu) / sd)
+        lo, hi = (p_below, 1.0) if flag else (0.0, p_below)
+        if hi - lo < 1e-12:  # the flag is (numerically) impossible: its limit, the threshold itself
+            lo = hi = min(max(p_below, 1e-12), 1.0 - 1e-12)
+    out = []
+    for i in range(n):
+        u = lo + (hi - lo) * (i + 0.5) / n
+        eta = mu + sd * _phi_inverse(min(max(u, 1e-15), 1.0 - 1e-15))
+        out.append(min(math.exp(eta), cap))
+    return out
+
+
+def _phi_inverse(p: float) -> float:
+    return float(NormalDist().inv_cdf(p))
 
 
 def realised_growth(clinical: Mapping[str, float], law: Mapping[str, float], noise: float) -> dict[str, float]:

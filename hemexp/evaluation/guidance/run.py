@@ -55,7 +55,7 @@ from hemexp.io.nifti import affine_spacing_mm
 from hemexp.preprocess.pipeline import read_summary
 from hemexp.sampling.flags import flag_plan_for
 from hemexp.sampling.products import assemble, baseline_volumes
-from hemexp.sampling.sampler import decode, encode_baseline, sample_deltas
+from hemexp.sampling.sampler import decode_followups, decode_reference, encode_baseline, sample_deltas
 from hemexp.sampling.scenarios import UNPERTURBED, Scenario, apply_scenario
 from hemexp.sampling.simulate import PatientInput, load_baseline
 
@@ -202,12 +202,17 @@ class BundleSampler:
     """
 
     def __init__(self, bundle: Any, baseline: dict[str, np.ndarray], spacing: Sequence[float], settings: Any,
-                 z_margin_mm: float, mask_threshold: float, hu_window: Sequence[float]):
+                 z_margin_mm: float, mask_threshold: float, hu_window: Sequence[float],
+                 decode_modes: Sequence[str] | None = None):
 
         self.bundle, self.baseline, self.spacing = bundle, baseline, tuple(float(s) for s in spacing)
         self.settings, self.threshold = settings, float(mask_threshold)
         enc = encode_baseline(bundle, baseline, self.spacing[2], z_margin_mm, hu_window, settings.decode_batch)
         self.zs, self.cond, self.centre = enc.zs, enc.cond, enc.centre
+        # the first mode gives iph_ml/ivh_ml; every mode's volumes are under "by_mode" (one Δz, decoded each way)
+        self.decode_modes = tuple(decode_modes or (settings.decode,))
+        self.reference = (decode_reference(bundle, baseline, enc, hu_window, settings.decode_batch)
+                          if "residual" in self.decode_modes else None)
         self.calls: list[dict[str, Any]] = []
 
     def __call__(self, clinical: Sequence[Mapping[str, float]], flags: Sequence[int], sample_ids: Sequence[int],
@@ -239,12 +244,17 @@ class BundleSampler:
                                     sample_ids=sample_ids, slice_spacing_mm=self.spacing[2])
         self.calls.append({"rows": len(flags), "guidance_scale": float(guidance_scale), **info})
         z_fu = denormalise(self.centre.unsqueeze(0) + delta, self.bundle.stats).flatten(0, 1)
-        _, iph, ivh = decode(self.bundle.vae, z_fu, self.bundle.device, self.threshold, settings.decode_batch)
         n, s = len(flags), len(self.zs)
-        iph, ivh = iph.reshape(n, s, *iph.shape[1:]), ivh.reshape(n, s, *ivh.shape[1:])
-        return [{"iph_ml": mask_volume_ml(assemble(self.baseline["iph"], iph[k], self.zs), self.spacing),
-                 "ivh_ml": mask_volume_ml(assemble(self.baseline["ivh"], ivh[k], self.zs), self.spacing)}
-                for k in range(n)]
+        by_mode = {}
+        for mode in self.decode_modes:
+            _, iph, ivh = decode_followups(self.bundle, z_fu, n, mode, self.threshold, settings.decode_batch,
+                                           self.reference)
+            iph, ivh = iph.reshape(n, s, *iph.shape[1:]), ivh.reshape(n, s, *ivh.shape[1:])
+            by_mode[mode] = [{"iph_ml": mask_volume_ml(assemble(self.baseline["iph"], iph[k], self.zs), self.spacing),
+                              "ivh_ml": mask_volume_ml(assemble(self.baseline["ivh"], ivh[k], self.zs), self.spacing)}
+                             for k in range(n)]
+        first = by_mode[self.decode_modes[0]]
+        return [{**first[k], "by_mode": {m: v[k] for m, v in by_mode.items()}} for k in range(n)]
 
 
 # ---------------------------------------------------------------------------- the study

@@ -1,0 +1,176 @@
+"""Validity study scoring (hemexp.evaluation.validity): known answers on models whose behaviour is exact.
+
+A "law model" samples from the growth law's own predictive distribution given the true flag, so it
+must score like the oracle (CRPS ratio ~1, coverage at its calibrated value, adherence 100 % / 0 %,
+learned effects equal to the law's); a "copy model" returns the baseline, so it must score exactly
+like copy-baseline and never expand. Scores are checked against closed forms where they exist.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scoringrules as sr
+
+from hemexp.cohort.synth.law import (
+    expansion_eta_threshold,
+    expected_followup_given_flag,
+    expected_growth,
+    linear_predictor,
+    predictive_relative_growth,
+)
+from hemexp.core.clinical import is_expansion
+from hemexp.evaluation.validity import tables as T
+from hemexp.evaluation.validity.scores import fair_crps, patient_bootstrap, ratio_of_means
+from hemexp.sampling.scenarios import UNPERTURBED, Scenario, parse_scenarios
+
+LAW = {"intercept": -1.6, "log_onset_h": -0.5, "anticoagulant": 0.8, "antiplatelet": 0.3, "sbp_per_10mmhg": 0.1,
+       "gcs_per_point": -0.08, "age_per_10y": 0.05, "log_baseline_ml": 0.1, "noise_sd": 0.7,
+       "max_relative_growth": 3.0}
+SCENARIOS = {UNPERTURBED: Scenario(UNPERTURBED), **parse_scenarios(
+    {"anticoagulant_toggled": {"anticoagulant": "toggle"}, "onset_plus_6h": {"onset_to_ct_h": {"add": 6}}})}
+PROFILES = parse_scenarios({"expansion_favouring": {"anticoagulant": {"set": 1}, "onset_to_ct_h": {"set": 0.5}},
+                            "stable": {"anticoagulant": {"set": 0}, "onset_to_ct_h": {"add": 6}}})
+BOOT = T.Bootstrap(300, 0.95, 0)
+
+
+def _clinical(rng: np.random.Generator) -> dict[str, float]:
+    return {"onset_to_ct_h": float(rng.uniform(0.5, 8)), "baseline_iph_ml": float(rng.uniform(5, 40)),
+            "anticoagulant": float(rng.integers(0, 2)), "antiplatelet": float(rng.integers(0, 2)),
+            "age": float(rng.uniform(50, 85)), "gcs": float(rng.integers(8, 16)), "sbp": float(rng.uniform(130, 200))}
+
+
+@pytest.mark.parametrize("flag", [None, 0, 1])
+def test_oracle_points_have_the_laws_closed_form_mean(flag):
+    c = {"onset_to_ct_h": 2.0, "baseline_iph_ml": 15.0, "anticoagulant": 1.0, "antiplatelet": 0.0, "age": 70.0,
+         "gcs": 14.0, "sbp": 170.0}
+    r = np.asarray(predictive_relative_growth(c, LAW, 4000, flag))
+    v0 = c["baseline_iph_ml"]
+    expected = (expected_growth(c, LAW)["expected_relative_growth"] if flag is None
+                else expected_followup_given_flag(c, LAW, flag) / v0 - 1.0)
+    assert r.mean() == pytest.approx(expected, rel=2e-3)
+    eta_thr = expansion_eta_threshold(v0)
+    if flag is not None:  # every point is on the flag's side of the expansion threshold
+        assert np.all((np.log(r) >= eta_thr - 1e-9) if flag else (np.log(r) < eta_thr))
+
+
+def test_fair_crps_is_unbiased_for_the_distribution_it_samples():
+    rng = np.random.default_rng(1)
+    y = 0.7
+    closed = float(sr.crps_normal(y, 0.0, 1.0))  # y(2Φ(y) − 1) + 2φ(y) − 1/√π
+    fair = np.mean([fair_crps(rng.normal(size=5), y) for _ in range(20000)])
+    assert fair == pytest.approx(closed, abs=0.01)
+    # the plain ensemble estimator of 5 samples is biased upwards by E|X − X'| / (2N) ~ 0.11 here
+    plain = np.mean([float(sr.crps_ensemble(y, rng.normal(size=5), estimator="nrg")) for _ in range(5000)])
+    assert plain - closed > 0.08
+
+
+def test_patient_bootstrap_intervals():
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 1.0, 200)
+    est, lo, hi = patient_bootstrap([x], np.mean, 500, 0.95, 0)
+    assert lo < est < hi and hi - lo == pytest.approx(2 * 1.96 / math.sqrt(200), rel=0.25)
+    assert patient_bootstrap([np.full(10, 2.0)], np.mean, 500, 0.95, 0) == (2.0, 2.0, 2.0)
+    est, lo, hi = patient_bootstrap([2 * x, x], ratio_of_means, 500, 0.95, 0)
+    assert est == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    assert all(math.isnan(v) for v in patient_bootstrap([np.array([np.nan])], np.mean, 500, 0.95, 0))
+
+
+def _cohort(n: int, seed: int) -> pd.DataFrame:
+    """Test patients drawn from LAW, grid volumes = law volumes, no IVH."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        c = _clinical(rng)
+        eta = linear_predictor(c, LAW) + rng.normal(0, LAW["noise_sd"])
+        r = min(math.exp(eta), LAW["max_relative_growth"])
+        fu = c["baseline_iph_ml"] * (1 + r)
+        rows.append({"patient_id": f"P{i:03d}", **c, "true_flag": int(is_expansion(c["baseline_iph_ml"], fu)),
+                     "truth_iph_ml": fu, "truth_ivh_ml": 0.0, "truth_total_ml": fu,
+                     "grid_baseline_iph_ml": c["baseline_iph_ml"], "grid_baseline_ivh_ml": 0.0})
+    return pd.DataFrame(rows)
+
+
+def _row(pid, part, scenario, kind, scale, k, flag, iph, base):
+    return {"patient_id": pid, "part": part, "scenario": scenario, "kind": kind, "guidance_scale": scale,
+            "sample": k, "flag": flag, "iph_ml": iph, "ivh_ml": 0.0, "total_ml": iph, "baseline_iph_ml": base,
+            "baseline_total_ml": base}
+
+
+def _volumes(patients: pd.DataFrame, model: str, n: int = 20, n_effect: int = 40, seed: int = 3) -> pd.DataFrame:
+    """Validity rows of a model that samples the law ('law') or copies the baseline ('copy')."""
+    from hemexp.sampling.scenarios import apply_scenario
+
+    rng = np.random.default_rng(seed)
+    clin_cols = ["onset_to_ct_h", "baseline_iph_ml", "anticoagulant", "antiplatelet", "age", "gcs", "sbp"]
+    rows = []
+
+    def draw(c, k, pool):
+        return c["baseline_iph_ml"] if model == "copy" else c["baseline_iph_ml"] * (1 + pool[k])
+
+    for p in patients.to_dict("records"):
+        c, b = {k: p[k] for k in clin_cols}, p["baseline_iph_ml"]
+        for flag in (1, 0):
+            pool = rng.choice(predictive_relative_growth(c, LAW, 1000, flag), n)  # random draws from the law
+            for k in range(n):
+                rows.append(_row(p["patient_id"], "calibration", UNPERTURBED, "scenario", 1.0, k, flag,
+                                 draw(c, k, pool), b))
+        settings = [(name, "scenario", 1.0, sc) for name, sc in SCENARIOS.items()]
+        settings += [(name, "profile", w, sc) for w in (0.0, 1.0) for name, sc in PROFILES.items()]
+        for name, kind, w, sc in settings:
+            cc = apply_scenario(c, sc)
+            pool = predictive_relative_growth(cc, LAW, n_effect, p["true_flag"])  # common quantiles = CRN
+            for k in range(n_effect):
+                rows.append(_row(p["patient_id"], "effect", name, kind, w, k, p["true_flag"],
+                                 draw(cc, k, pool), b))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return _cohort(120, 0)
+
+
+def test_a_model_sampling_the_law_scores_like_the_oracle(cohort):
+    vols = _volumes(cohort, "law")
+    scores = T.patient_scores(vols, cohort, LAW, True, [0.5, 0.8], 2000, 0)
+    cal = T.calibration_table(scores, [0.5, 0.8], BOOT).set_index(["volume", "quantity"])["estimate"]
+    assert cal[("iph", "CRPS model / oracle")] == pytest.approx(1.0, abs=0.12)
+    assert cal[("iph", "CRPS model / copy")] < 0.8
+    assert cal[("iph", "coverage 80 %")] == pytest.approx(T.expected_coverage(20, 0.8), abs=0.12)
+    # the flag is information: the oracle given the true flag beats the oracle without it
+    assert cal[("iph", "CRPS oracle (mL)")] < cal[("iph", "CRPS oracle_no_flag (mL)")]
+    adh = T.adherence_table(vols, BOOT).set_index("requested_flag")["estimate"]
+    assert adh[1] == 1.0 and adh[0] == 0.0
+    eff = T.effect_table(vols, cohort, SCENARIOS, LAW, 1.0, True, BOOT).set_index("scenario")
+    assert eff["ratio"].between(0.9, 1.1).all()
+    assert eff["sign_ok"].all()
+    targets = T.targets_table(eff.reset_index(), pd.DataFrame(), T.adherence_table(vols, BOOT),
+                              T.calibration_table(scores, [0.5, 0.8], BOOT), True).set_index("target")["met"]
+    assert targets["adherence flag 1 >= 80 %"] and targets["adherence flag 0 <= 10 %"]
+    assert targets["fair CRPS <= 1.5x oracle (iph)"] and targets["every effect has the law's sign"]
+
+
+def test_a_copy_model_scores_exactly_like_copy_baseline(cohort):
+    vols = _volumes(cohort, "copy", n=5, n_effect=2)
+    scores = T.patient_scores(vols, cohort, LAW, True, [0.8], 500, 0)
+    assert np.allclose(scores["crps_model"], scores["crps_copy"])
+    adh = T.adherence_table(vols, BOOT).set_index("requested_flag")["estimate"]
+    assert adh[1] == 0.0
+    eff = T.effect_table(vols, cohort, SCENARIOS, LAW, 1.0, True, BOOT)
+    assert np.allclose(eff["learned_ml"], 0.0) and not eff["ratio_in_0.5_2"].any()
+    targets = T.targets_table(eff, pd.DataFrame(), adh.reset_index().assign(estimate=adh.values),
+                              T.calibration_table(scores, [0.8], BOOT), True)
+    assert not targets.set_index("target")["met"]["fair CRPS below copy-baseline (iph)"]
+
+
+def test_guidance_table_measures_separation_per_scale(cohort):
+    vols = _volumes(cohort.head(30), "law", n=2, n_effect=10)
+    vols.loc[(vols["kind"] == "profile") & (vols["guidance_scale"] == 0.0), "total_ml"] = vols["baseline_total_ml"]
+    g = T.guidance_table(vols, cohort.head(30), PROFILES, LAW, True, BOOT)
+    assert list(g["guidance_scale"]) == [0.0, 1.0]
+    assert g["separation_ml"].iloc[0] == pytest.approx(0.0)
+    assert g["separation_ml"].iloc[1] == pytest.approx(g["true_separation_ml"].iloc[1], rel=0.1)
