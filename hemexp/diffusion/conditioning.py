@@ -67,6 +67,19 @@ def pack_condition(clinical: torch.Tensor, flag: torch.Tensor, drop_clinical: to
     )
 
 
+def unpack_condition(packed: torch.Tensor, n_clinical: int = N_CLINICAL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_condition`: (clinical float, flag long, drop bool), checked; shared by the
+    additive embedding and the cross-attention tokens, which read the same packed tensor."""
+    if packed.ndim != 2 or packed.shape[1] != n_clinical + 2:
+        raise ValueError(f"packed condition must be [B, {n_clinical + 2}], got {tuple(packed.shape)}")
+    clinical = packed[:, : n_clinical]
+    flag = packed[:, n_clinical].round().long()
+    drop = packed[:, n_clinical + 1] > 0.5
+    if ((flag < 0) | (flag > 1)).any():
+        raise ValueError("expansion flag must be 0 or 1")
+    return clinical, flag, drop
+
+
 class ConditionEmbedding(nn.Module):
     """Clinical MLP + learned null embedding + expansion-flag embedding, summed into one vector.
 
@@ -100,14 +113,7 @@ class ConditionEmbedding(nn.Module):
 
     def unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inverse of :func:`pack_condition`: (clinical float, flag long, drop bool)."""
-        if packed.ndim != 2 or packed.shape[1] != self.n_clinical + 2:
-            raise ValueError(f"packed condition must be [B, {self.n_clinical + 2}], got {tuple(packed.shape)}")
-        clinical = packed[:, : self.n_clinical]
-        flag = packed[:, self.n_clinical].round().long()
-        drop = packed[:, self.n_clinical + 1] > 0.5
-        if ((flag < 0) | (flag > 1)).any():
-            raise ValueError("expansion flag must be 0 or 1")
-        return clinical, flag, drop
+        return unpack_condition(packed, self.n_clinical)
 
 
 class ConditionTokens(nn.Module):
@@ -131,7 +137,7 @@ class ConditionTokens(nn.Module):
         self.flag_embedding = nn.Embedding(2, dim) if uses_flag(conditioning) else None
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        clinical, flag, drop = ConditionEmbedding.unpack(self, packed)  # same layout, same checks
+        clinical, flag, drop = unpack_condition(packed, self.n_clinical)
         tokens = self.mlp(clinical.unsqueeze(-1) * self.weight + self.bias)
         tokens = torch.where(drop[:, None, None], self.null_tokens.to(tokens.dtype).expand_as(tokens), tokens)
         if self.flag_embedding is not None:

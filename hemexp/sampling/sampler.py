@@ -333,7 +333,7 @@ def decode_followups(bundle: ModelBundle, z_fu: torch.Tensor, n_samples: int, mo
         s = len(reference.inputs)
         shape = (n_samples, s, *ct.shape[1:])
         parts = []
-        for decoded, k in zip((ct, p_iph, p_ivh), range(3), strict=True):
+        for k, decoded in enumerate((ct, p_iph, p_ivh)):
             change = decoded.reshape(shape) - reference.decoded[k][None]
             parts.append((reference.inputs[None, :, k] + change).reshape(decoded.shape))
         ct, p_iph, p_ivh = np.clip(parts[0], 0.0, 1.0), parts[1], parts[2]

@@ -57,6 +57,12 @@ def _interval_row(name: str, est: tuple[float, float, float], **extra: Any) -> d
     return {"quantity": name, "estimate": est[0], "ci_low": est[1], "ci_high": est[2], **extra}
 
 
+def _true_flag_shares(patients: pd.DataFrame, settings: Sequence[str]) -> dict[tuple[str, str], float]:
+    """(patient, setting) -> share of flag-1 samples: every setting is sampled under the true flag."""
+    return {(p, name): float(f) for p, f in zip(patients["patient_id"], patients["true_flag"], strict=True)
+            for name in settings}
+
+
 # ---------------------------------------------------------------------------- effects
 def effect_table(volumes: pd.DataFrame, patients: pd.DataFrame, scenarios: Mapping[str, Scenario],
                  law: Mapping[str, float], scale: float, uses_flag: bool, boot: Bootstrap) -> pd.DataFrame:
@@ -67,8 +73,7 @@ def effect_table(volumes: pd.DataFrame, patients: pd.DataFrame, scenarios: Mappi
         return pd.DataFrame()
     learned = patient_deltas(rows.drop(columns="guidance_scale"), UNPERTURBED, "total_ml")
     learned = learned[learned["scenario"] != UNPERTURBED][["patient_id", "scenario", "delta_ml"]]
-    shares = ({(p, s): float(f) for p, f in zip(patients["patient_id"], patients["true_flag"], strict=True)
-               for s in scenarios} if uses_flag else None)
+    shares = _true_flag_shares(patients, scenarios) if uses_flag else None
     truth = true_patient_deltas(patients, scenarios, law, UNPERTURBED, flag_share=shares)
     both = learned.merge(truth, on=["patient_id", "scenario"], how="inner")
     out = []
@@ -95,8 +100,7 @@ def guidance_table(volumes: pd.DataFrame, patients: pd.DataFrame, profiles: Mapp
     deltas = patient_deltas(rows, "baseline", "total_ml")
     wide = deltas.pivot_table(index=["guidance_scale", "patient_id"], columns="scenario", values="delta_ml").reset_index()
     settings = {"base": Scenario(UNPERTURBED), **profiles}
-    shares = ({(p, s): float(f) for p, f in zip(patients["patient_id"], patients["true_flag"], strict=True)
-               for s in settings} if uses_flag else None)
+    shares = _true_flag_shares(patients, settings) if uses_flag else None
     law_sep = true_patient_deltas(patients, settings, law, "base", flag_share=shares)
     law_sep = law_sep.pivot(index="patient_id", columns="scenario", values="true_delta_ml")
     true_sep = (law_sep[FAVOURING] - law_sep[STABLE]).rename("true_separation")
