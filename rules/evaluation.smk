@@ -172,6 +172,7 @@ if TEST and config["cohort"]["source"] == "synthetic":
         1 and flag 0, and the clinical scenarios and guidance profiles under the true flag."""
         input:
             preprocessed=[f for p in TEST for f in preprocessed(p, ("summary.json", *BASELINE_FILES))],
+            latents=[str(L.latents(p)) for p in TRAIN + TEST],  # the denoising-fit diagnostic
             model=DIFFUSION_MODEL,
             vae=VAE_MODEL,
             stats=LATENT_STATS,

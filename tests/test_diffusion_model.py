@@ -201,3 +201,37 @@ def test_cross_attention_tokens_condition_the_unet_and_drop_like_the_additive_br
                    {"name": "2D-ice-xattn"}, scheduler_config(cfg))
     loaded, _, _ = load_diffusion(tmp_path / "model.pt")
     torch.testing.assert_close(run(loaded, x), base)
+
+
+def test_unit_delta_scale_is_the_rms_and_the_model_space_is_rescaled_exactly(tmp_path):
+    """unit_delta: the scale is Δz's RMS; a model of scale s trained on s·Δz sees exactly the inputs a
+    scale-1 model sees on Δz (same loss), its sampled chain comes back in Δz units, and s survives
+    saving."""
+    from hemexp.diffusion.ddim import ddim_loop
+    from hemexp.diffusion.model import delta_rms
+    from hemexp.diffusion.train import DiffusionModule
+
+    assert delta_rms([torch.full((C, HW, HW), 0.2), torch.full((C, HW, HW), -0.2)]) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="identically zero"):
+        delta_rms(torch.zeros(3, C, HW, HW))
+    cfg = load_config(None)["diffusion"]
+    cfg = {**cfg, "unet": {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1,
+                           "num_head_channels": 8, "norm_num_groups": 4, "clinical_hidden": 16}}
+    x, scale = inputs(), 0.07
+    batch = {"delta": x["x_t"], "baseline": x["baseline"], "clinical": x["clinical"], "flag": x["flag"]}
+    losses = []
+    for s, factor in ((1.0, 1.0), (scale, scale)):
+        torch.manual_seed(0)
+        module = DiffusionModule(model_config(cfg, 1, "ice", C, delta_scale=s), scheduler_config(cfg), cfg)
+        draws = module.draws(4, tuple(x["x_t"].shape), step=0, micro=0)
+        losses.append(module.loss({**batch, "delta": batch["delta"] * factor}, draws)[0])
+    torch.testing.assert_close(losses[0], losses[1])
+    unit, scaled = tiny("ice"), tiny("ice")
+    scaled.delta_scale = scale
+    sched = ddim_scheduler(scheduler_config(cfg), 4)
+    noise = torch.randn(4, C, HW, HW, generator=torch.Generator().manual_seed(5))
+    out_unit, _ = ddim_loop(unit, sched, noise, x["baseline"], x["clinical"], x["flag"])
+    out_scaled, _ = ddim_loop(scaled, sched, noise, x["baseline"], x["clinical"], x["flag"])
+    torch.testing.assert_close(out_scaled, out_unit * scale)
+    save_diffusion(tmp_path / "model.pt", scaled, model_config(cfg, 1, "ice", C, delta_scale=scale), {}, scheduler_config(cfg))
+    assert load_diffusion(tmp_path / "model.pt")[0].delta_scale == pytest.approx(scale)

@@ -174,3 +174,48 @@ def test_guidance_table_measures_separation_per_scale(cohort):
     assert list(g["guidance_scale"]) == [0.0, 1.0]
     assert g["separation_ml"].iloc[0] == pytest.approx(0.0)
     assert g["separation_ml"].iloc[1] == pytest.approx(g["true_separation_ml"].iloc[1], rel=0.1)
+
+
+class _ScaledDeltaModel:
+    """A stand-in denoiser with a known x0 prediction: ``gain(flag) · baseline`` in Δz units (so with
+    baseline = Δz it explains 1 − (1 − gain)² of Δz exactly, at every noise level), in a model space of
+    scale 2; it ignores the clinical input."""
+
+    delta_scale, uses_flag, uses_clinical = 2.0, True, True
+
+    def __init__(self, sched):
+        import torch
+
+        self.sched, self._p = sched, torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self._p])
+
+    def __call__(self, x_t, t, baseline, clinical, flag, drop):
+        a = self.sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = (0.5 * flag.view(-1, 1, 1, 1)) * baseline / self.delta_scale
+        return (a.sqrt() * x_t - x0) / (1 - a).sqrt()  # the v whose x0 is the one above
+
+
+def test_denoising_fit_measures_explained_change_and_the_flag_penalty_exactly():
+    """Known answers: Δz = baseline and x0 = 0.5 · baseline under flag 1 -> explained 0.75 at every
+    step; flipping every flag to 0 predicts no change -> error 4x -> penalty 3; nulling the clinical
+    input changes nothing -> penalty 0."""
+    from test_latents import fake_latents
+
+    from hemexp.diffusion.model import ddpm_scheduler
+    from hemexp.diffusion.train import LatentPairs
+    from hemexp.evaluation.validity.diagnostics import NOISE_STEPS, denoising_fit, fit_summary
+
+    sched_cfg = {"num_train_timesteps": 1000, "schedule": "sigmoid_beta", "prediction_type": "v_prediction"}
+    lats = []
+    for i in range(3):
+        lat = fake_latents(f"P{i}", "train", flag=1, seed=i)
+        lats.append(lat.__class__(**{**lat.__dict__, "z_fu": 2 * lat.z_bl}))  # normalised Δz = z_bl
+    pairs = LatentPairs(lats, {"mean": [0.0] * 4, "std": [1.0] * 4}, context=1, step_slices=1)
+    fit = denoising_fit(_ScaledDeltaModel(ddpm_scheduler(sched_cfg)), sched_cfg, pairs, seed=0, batch_size=5)
+    summary = fit_summary(fit)
+    assert len(fit["true"]) == len(NOISE_STEPS)
+    np.testing.assert_allclose(summary["explained"], 0.75, atol=1e-5)
+    np.testing.assert_allclose(summary["flag_flip_penalty"], 3.0, rtol=1e-4)
+    np.testing.assert_allclose(summary["null_clinical_penalty"], 0.0, atol=1e-6)

@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from test_sampling import save_tiny_models, synthetic_baseline, tiny_bundle, write_patient_dir
+from test_latents import as_arrays, fake_latents
+from test_sampling import LATENT_C, save_tiny_models, synthetic_baseline, tiny_bundle, write_patient_dir
 
 from hemexp.cli import main
-from hemexp.core.config import DEFAULT_CONFIG
+from hemexp.cohort.patients import patients as cohort_patients
+from hemexp.core.config import DEFAULT_CONFIG, load_config
 from hemexp.core.files import write_json
-from hemexp.diffusion.latents import denormalise
+from hemexp.diffusion.latents import denormalise, save_latents
 from hemexp.sampling.sampler import decode_followups, decode_reference, encode_baseline
 
 CLIN = {"onset_to_ct_h": 2.0, "anticoagulant": 0.0, "antiplatelet": 1.0, "age": 72.0, "gcs": 13.0, "sbp": 175.0}
@@ -72,6 +74,12 @@ def _study_tree(tmp_path):
     write_json(results / "raw" / "truth.json", {"law": law, "patients": patients})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    train = [p.patient_id for p in cohort_patients(load_config(path)) if p.split == "train"]
+    for i, pid in enumerate([*train, *patients]):  # the denoising-fit diagnostic's latent caches
+        lat = fake_latents(pid, "train" if pid in train else "test", flag=i % 2, seed=i)
+        arrays = {**as_arrays(lat), "z_bl": lat.z_bl[:, :LATENT_C], "z_fu": lat.z_fu[:, :LATENT_C],
+                  "z_bl_flip": lat.z_bl_flip[:, :LATENT_C], "z_fu_flip": lat.z_fu_flip[:, :LATENT_C]}
+        save_latents(results / "latents" / f"{pid}.npz", arrays)
     return path, results
 
 
@@ -89,6 +97,8 @@ def test_validity_commands_write_every_ablation_row(tmp_path):
     diag = json.loads((results / "validity" / "samples" / "2D-ice.diagnostics.json").read_text())
     assert diag["n_patients"] == 3 and len(diag["flag_over_baseline"]) == len(diag["noise_steps"])
     assert all(v > 0 for v in diag["flag_rms"]) and all(v > 0 for v in diag["baseline_rms"])
+    assert diag["fit"]["test"]["n_items"] == 3 * 4 and diag["fit"]["train"]["n_items"] > 0  # 4 targets each
+    assert all(np.isfinite(diag["fit"][s]["explained"]).all() for s in ("train", "test"))
 
     assert main(["validity-report", "--patients", *ids, "--config", str(cfg)]) == 0
     out = results / "validity"

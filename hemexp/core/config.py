@@ -407,6 +407,7 @@ class Variant:
     context: int  # number of axial slices fed in (1 = 2D, 3 or 5 = 2.5D)
     conditioning: str  # "i" imaging only, "ic" + clinical, "ice" + expansion flag
     cross_attention: bool = False  # clinical values and flag also as cross-attention tokens
+    unit_delta: bool = False  # diffuse Δz divided by its training RMS (unit variance; model.delta_rms)
 
     @property
     def uses_clinical(self) -> bool:
@@ -421,7 +422,8 @@ def variants(cfg: dict[str, Any]) -> dict[str, Variant]:
     """Resolve the configured diffusion variants into :class:`Variant` objects, keyed by name."""
     return {
         name: Variant(name=name, context=int(spec["context"]), conditioning=spec["conditioning"],
-                      cross_attention=bool(spec.get("cross_attention", False)))
+                      cross_attention=bool(spec.get("cross_attention", False)),
+                      unit_delta=bool(spec.get("unit_delta", False)))
         for name, spec in cfg["diffusion"]["variants"].items()
     }
 

@@ -99,7 +99,10 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
               eta: float = 0.0, *, base_index: np.ndarray | None = None, cond_index: np.ndarray | None = None,
               step_noise: StepNoise | None = None, chunk_rows: int | None = None, precision: str = "32",
               channels_last: bool = False, progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the guided chain (DDIM or a multistep solver) of every item; ``(x_0 [M, C, h, w] float32 on CPU, run info)``.
+    """Run the guided chain (DDIM or a multistep solver) of every item; ``(Δz [M, C, h, w] float32 on CPU, run info)``.
+
+    The chain runs in the model's own space (``x_0 = Δz / model.delta_scale``); what it returns is
+    normalised Δz, whatever the model's scale, so no caller needs to know it.
 
     Items are the rows of ``noise`` (their x_T). Item i is conditioned on baseline row ``base_index[i]``
     of ``baseline`` ``[S, C*context, h, w]`` and on clinical/flag row ``cond_index[i]`` of ``clinical``
@@ -144,7 +147,7 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
             calls += 1
             if progress is not None:
                 progress(calls, total_calls)
-        out[idx] = x.float().cpu()
+        out[idx] = x.float().cpu() * model.delta_scale  # the model's x_0 -> normalised Δz
     info = {"chunk_rows": int(chunk * rows_per_item), "branches": list(which), "unet_calls": calls,
             "items": m, "seconds": time.perf_counter() - t0}
     return out, info

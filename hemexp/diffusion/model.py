@@ -63,13 +63,21 @@ class ConditionalLatentUNet(nn.Module):
         channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups: MONAI U-Net.
         clinical_hidden: hidden width of the clinical MLP.
         cross_attention: also feed the condition as cross-attention tokens (:class:`ConditionTokens`).
+        delta_scale: the factor between normalised Δz and the space the model diffuses in
+            (``x_0 = Δz / delta_scale``). 1 diffuses Δz as it is; a variant's ``unit_delta`` sets it to
+            Δz's RMS over the training target slices, so the model's x_0 has unit variance, the scale
+            the noise schedule was designed for (see :func:`delta_rms`).
     """
 
     def __init__(self, latent_channels: int, context: int, conditioning: str, channels: list[int],
                  attention_levels: list[bool], num_res_blocks: int = 2, num_head_channels: int = 32,
-                 norm_num_groups: int = 32, clinical_hidden: int = 64, cross_attention: bool = False):
+                 norm_num_groups: int = 32, clinical_hidden: int = 64, cross_attention: bool = False,
+                 delta_scale: float = 1.0):
         super().__init__()
+        if not delta_scale > 0:
+            raise ValueError(f"delta_scale must be > 0, got {delta_scale}")
         self.latent_channels = latent_channels
+        self.delta_scale = float(delta_scale)
         self.context = context
         self.conditioning = conditioning
         self.uses_clinical = uses_clinical(conditioning)
@@ -124,7 +132,7 @@ class ConditionalLatentUNet(nn.Module):
 
 
 def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioning: str,
-                 latent_channels: int, cross_attention: bool = False) -> dict[str, Any]:
+                 latent_channels: int, cross_attention: bool = False, delta_scale: float = 1.0) -> dict[str, Any]:
     """The constructor arguments of :class:`ConditionalLatentUNet` (saved with the weights)."""
     unet = diffusion_cfg["unet"]
     return {
@@ -138,7 +146,24 @@ def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioni
         "norm_num_groups": int(unet["norm_num_groups"]),
         "clinical_hidden": int(unet["clinical_hidden"]),
         "cross_attention": bool(cross_attention),
+        "delta_scale": float(delta_scale),
     }
+
+
+def delta_rms(deltas: list[torch.Tensor] | torch.Tensor) -> float:
+    """Root mean square of normalised Δz over the given training items (the ``unit_delta`` scale).
+
+    Why: the latents are z-scored, but their *difference* is not. On the validity cohort most of a
+    target slice does not change between scans, so Δz is far smaller than the unit-variance noise the
+    schedule adds; the signal then drowns at all but the last steps, where the baseline already shows
+    the answer and the condition is not needed. Dividing by this one scalar (Rombach et al.'s latent
+    scale factor, applied to the progression) moves the schedule's SNR range onto Δz itself.
+    """
+    stacked = torch.stack(list(deltas)) if isinstance(deltas, list) else deltas
+    rms = float(stacked.double().pow(2).mean().sqrt())
+    if not rms > 0:
+        raise ValueError("training Δz is identically zero: no progression to learn a scale from")
+    return rms
 
 
 def build_model(config: dict[str, Any]) -> ConditionalLatentUNet:

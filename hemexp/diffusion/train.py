@@ -42,6 +42,7 @@ from hemexp.diffusion.model import (
     ConditionalLatentUNet,
     build_model,
     ddpm_scheduler,
+    delta_rms,
     min_snr_weight,
     model_config,
     save_diffusion,
@@ -92,6 +93,10 @@ class LatentPairs(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def delta_rms(self) -> float:
+        """RMS of Δz over every item (as stored, not mirrored): the ``unit_delta`` scale."""
+        return delta_rms([self._fu[p][row] - self._bl[p][row] for p, row in self.index])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         p, row = self.index[int(i)]
@@ -211,6 +216,7 @@ class DiffusionModule(pl.LightningModule):
             flip = d["flip"].view(-1, 1, 1, 1)
             delta = torch.where(flip, batch["delta_flip"], delta)
             baseline = torch.where(flip, batch["baseline_flip"], baseline)
+        delta = delta / self.model.delta_scale  # the model diffuses Δz in its own units (unit_delta)
         x_t = self.scheduler.add_noise(delta, d["noise"], d["t"])
         kind = self.sched_cfg["prediction_type"]
         target = {"v_prediction": lambda: self.scheduler.get_velocity(delta, d["noise"], d["t"]),
@@ -271,17 +277,19 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     dataset = LatentPairs(lats, stats, spec.context, step, flips=bool(dcfg["hflip"]))
     channels = int(lats[0].z_bl.shape[1])
     del lats  # the dataset holds normalised copies; free the raw cache (GBs at paper scale)
-    model_cfg = model_config(dcfg, spec.context, spec.conditioning, channels, spec.cross_attention)
+    scale = dataset.delta_rms() if spec.unit_delta else 1.0
+    model_cfg = model_config(dcfg, spec.context, spec.conditioning, channels, spec.cross_attention, scale)
     sched_cfg = scheduler_config(dcfg)
     info = {"name": variant, "context": spec.context, "conditioning": spec.conditioning,
             "latent_channels": channels, "step_slices": step, "context_step_mm": cfg["shards"]["context_step_mm"],
-            "clinical_names": list(CLINICAL_NAMES), "cross_attention": spec.cross_attention}
+            "clinical_names": list(CLINICAL_NAMES), "cross_attention": spec.cross_attention,
+            "unit_delta": spec.unit_delta, "delta_scale": scale}
     fingerprint = common.training_fingerprint(fingerprint_cfg(dcfg), info, cfg["seed"], stats["mean"],
                                               stats["std"], train_ids)
     rank0 = common.global_rank() == 0
     resume = common.resume_or_start_afresh(run_dir, fingerprint, resume, forget=(RUN_ID_FILE,))
-    log.info("diffusion %s: %d target slices from %d patients (%d expansion), run dir %s", variant,
-             len(dataset), len(train_ids), int(dataset.flags.sum()), run_dir)
+    log.info("diffusion %s: %d target slices from %d patients (%d expansion), Δz scale %.4g, run dir %s",
+             variant, len(dataset), len(train_ids), int(dataset.flags.sum()), scale, run_dir)
     pl.seed_everything(int(cfg["seed"]), workers=True, verbose=False)  # init; the rest is step-indexed
     module = DiffusionModule(model_cfg, sched_cfg, dcfg, seed=int(cfg["seed"]))
     tracking = start_run(cfg, "diffusion", run_dir, variant=variant) if rank0 else contextlib.nullcontext()

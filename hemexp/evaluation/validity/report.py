@@ -48,7 +48,9 @@ def patient_frame(cfg: Mapping[str, Any], patient_ids: Sequence[str], volumes: p
 
 def diagnostics_table(layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
     """Per variant and noise step: how far the x0 prediction moves for flag, clinical and baseline
-    changes (:mod:`hemexp.evaluation.validity.diagnostics`), and the VAE's baseline volume bias."""
+    changes, the denoising fit on training vs test patients (share of Δz explained; loss penalty of a
+    flipped flag or nulled clinical input) (:mod:`hemexp.evaluation.validity.diagnostics`), and the
+    VAE's baseline volume bias."""
     rows = []
     for variant in studied:
         d = read_json(layout.validity_diagnostics(variant))
@@ -57,7 +59,9 @@ def diagnostics_table(layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
                          "flag_flip_rms": d["flag_rms"][i], "null_clinical_rms": d["clinical_rms"][i],
                          "other_baseline_rms": d["baseline_rms"][i], "flag_over_baseline": d["flag_over_baseline"][i],
                          "clinical_over_baseline": d["clinical_over_baseline"][i],
-                         "vae_iph_bias_ml": d["vae_iph_bias_ml_mean"], "vae_iph_abs_bias_ml": d["vae_iph_bias_ml_mae"]})
+                         "vae_iph_bias_ml": d["vae_iph_bias_ml_mean"], "vae_iph_abs_bias_ml": d["vae_iph_bias_ml_mae"],
+                         **{f"{split}_{k}": d["fit"][split][k][i] for split in ("train", "test")
+                            for k in ("explained", "flag_flip_penalty", "null_clinical_penalty")}})
     return pd.DataFrame(rows)
 
 

@@ -28,19 +28,29 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from hemexp.cohort.patients import patients
 from hemexp.core.config import sampled_variants
 from hemexp.core.files import write_json
 from hemexp.core.layout import Layout
 from hemexp.core.runtime import get_logger
 from hemexp.core.tables import write_csv
+from hemexp.diffusion.latents import load_latents
+from hemexp.diffusion.train import LatentPairs
 from hemexp.evaluation.guidance.run import BundleSampler, Setting, perturb_patient, study_settings
-from hemexp.evaluation.validity.diagnostics import conditioning_sensitivity, summarise, vae_volume_bias_ml
+from hemexp.evaluation.validity.diagnostics import (
+    conditioning_sensitivity,
+    denoising_fit,
+    fit_summary,
+    summarise,
+    vae_volume_bias_ml,
+)
 from hemexp.io.nifti import affine_spacing_mm
 from hemexp.preprocess.pipeline import read_summary
 from hemexp.sampling.products import baseline_volumes
 from hemexp.sampling.sampler import DECODE_MODES, EncodedBaseline, SamplerSettings, load_bundle
 from hemexp.sampling.scenarios import UNPERTURBED, scenarios_from_config
 from hemexp.sampling.simulate import PatientInput, load_baseline
+from hemexp.vae.data import step_slices_from_config
 
 log = get_logger(__name__)
 CALIBRATION, EFFECT = "calibration", "effect"
@@ -141,8 +151,23 @@ def run_validity_sampling(cfg: Mapping[str, Any], variant: str, patient_ids: Seq
                     "sensitivity": conditioning_sensitivity(bundle, r.encoded, runs[(i + 1) % len(runs)].encoded,
                                                             r.clinical, r.flag, seed=i)}
                    for i, (pid, r) in enumerate(zip(patient_ids, runs, strict=True))]
-    write_json(layout.validity_diagnostics(variant), {"variant": variant, **summarise(diagnostics),
+    fit = split_fits(cfg, bundle, patient_ids)
+    write_json(layout.validity_diagnostics(variant), {"variant": variant, **summarise(diagnostics), "fit": fit,
                                                       "patients": diagnostics})
     write_csv(table, layout.validity_volumes(variant))
     log.info("%s: %d validity rows for %d patients", variant, len(table), len(patient_ids))
     return table
+
+
+def split_fits(cfg: Mapping[str, Any], bundle: Any, test_ids: Sequence[str]) -> dict[str, Any]:
+    """Denoising fit (:func:`~hemexp.evaluation.validity.diagnostics.denoising_fit`) on the training
+    patients' and the test patients' cached latents, each with its summary: the memorisation check."""
+    layout, model = Layout.of(cfg), bundle.diffusion
+    train_ids = sorted(p.patient_id for p in patients(cfg) if p.split == "train")
+    out: dict[str, Any] = {}
+    for split, ids in (("train", train_ids), ("test", list(test_ids))):
+        lats = [load_latents(layout.latents(pid)) for pid in ids]
+        pairs = LatentPairs(lats, bundle.stats, model.context, step_slices_from_config(cfg))
+        fit = denoising_fit(model, bundle.sched_cfg, pairs, seed=int(cfg["evaluation"]["validity"]["seed"]))
+        out[split] = {"n_items": len(pairs), **fit, **fit_summary(fit)}
+    return out
