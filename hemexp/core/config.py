@@ -408,6 +408,7 @@ class Variant:
     conditioning: str  # "i" imaging only, "ic" + clinical, "ice" + expansion flag
     cross_attention: bool = False  # clinical values and flag also as cross-attention tokens
     unit_delta: bool = False  # diffuse Δz divided by its training RMS (unit variance; model.delta_rms)
+    scale_shift: bool = False  # condition by scale and shift after GroupNorm (AdaGN; diffusion.adagn)
 
     @property
     def uses_clinical(self) -> bool:
@@ -423,7 +424,8 @@ def variants(cfg: dict[str, Any]) -> dict[str, Variant]:
     return {
         name: Variant(name=name, context=int(spec["context"]), conditioning=spec["conditioning"],
                       cross_attention=bool(spec.get("cross_attention", False)),
-                      unit_delta=bool(spec.get("unit_delta", False)))
+                      unit_delta=bool(spec.get("unit_delta", False)),
+                      scale_shift=bool(spec.get("scale_shift", False)))
         for name, spec in cfg["diffusion"]["variants"].items()
     }
 

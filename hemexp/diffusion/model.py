@@ -35,6 +35,7 @@ from torch import nn
 from hemexp.core.clinical import CLINICAL_NAMES
 from hemexp.core.errors import reading_product
 from hemexp.core.files import atomic_path
+from hemexp.diffusion.adagn import use_scale_shift
 from hemexp.diffusion.conditioning import (
     ConditionEmbedding,
     ConditionTokens,
@@ -67,12 +68,14 @@ class ConditionalLatentUNet(nn.Module):
             (``x_0 = Δz / delta_scale``). 1 diffuses Δz as it is; a variant's ``unit_delta`` sets it to
             Δz's RMS over the training target slices, so the model's x_0 has unit variance, the scale
             the noise schedule was designed for (see :func:`delta_rms`).
+        scale_shift: apply the embedding as scale and shift after each residual block's second
+            GroupNorm (AdaGN, :mod:`hemexp.diffusion.adagn`) instead of MONAI's additive bias.
     """
 
     def __init__(self, latent_channels: int, context: int, conditioning: str, channels: list[int],
                  attention_levels: list[bool], num_res_blocks: int = 2, num_head_channels: int = 32,
                  norm_num_groups: int = 32, clinical_hidden: int = 64, cross_attention: bool = False,
-                 delta_scale: float = 1.0):
+                 delta_scale: float = 1.0, scale_shift: bool = False):
         super().__init__()
         if not delta_scale > 0:
             raise ValueError(f"delta_scale must be > 0, got {delta_scale}")
@@ -98,6 +101,9 @@ class ConditionalLatentUNet(nn.Module):
             cross_attention_dim=token_dim if self.cross_attention else None,
         )
         self.tokens = ConditionTokens(token_dim, conditioning) if self.cross_attention else None
+        self.scale_shift = bool(scale_shift)
+        if self.scale_shift:
+            use_scale_shift(self.unet)
         if self.uses_clinical:
             # Replace MONAI's nn.Embedding with the additive clinical/flag embedding (same output width).
             dim = self.unet.class_embedding.embedding_dim
@@ -132,7 +138,8 @@ class ConditionalLatentUNet(nn.Module):
 
 
 def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioning: str,
-                 latent_channels: int, cross_attention: bool = False, delta_scale: float = 1.0) -> dict[str, Any]:
+                 latent_channels: int, cross_attention: bool = False, delta_scale: float = 1.0,
+                 scale_shift: bool = False) -> dict[str, Any]:
     """The constructor arguments of :class:`ConditionalLatentUNet` (saved with the weights)."""
     unet = diffusion_cfg["unet"]
     return {
@@ -147,6 +154,7 @@ def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioni
         "clinical_hidden": int(unet["clinical_hidden"]),
         "cross_attention": bool(cross_attention),
         "delta_scale": float(delta_scale),
+        "scale_shift": bool(scale_shift),
     }
 
 

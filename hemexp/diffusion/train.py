@@ -278,12 +278,13 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     channels = int(lats[0].z_bl.shape[1])
     del lats  # the dataset holds normalised copies; free the raw cache (GBs at paper scale)
     scale = dataset.delta_rms() if spec.unit_delta else 1.0
-    model_cfg = model_config(dcfg, spec.context, spec.conditioning, channels, spec.cross_attention, scale)
+    model_cfg = model_config(dcfg, spec.context, spec.conditioning, channels, spec.cross_attention, scale,
+                             spec.scale_shift)
     sched_cfg = scheduler_config(dcfg)
     info = {"name": variant, "context": spec.context, "conditioning": spec.conditioning,
             "latent_channels": channels, "step_slices": step, "context_step_mm": cfg["shards"]["context_step_mm"],
             "clinical_names": list(CLINICAL_NAMES), "cross_attention": spec.cross_attention,
-            "unit_delta": spec.unit_delta, "delta_scale": scale}
+            "unit_delta": spec.unit_delta, "delta_scale": scale, "scale_shift": spec.scale_shift}
     fingerprint = common.training_fingerprint(fingerprint_cfg(dcfg), info, cfg["seed"], stats["mean"],
                                               stats["std"], train_ids)
     rank0 = common.global_rank() == 0
