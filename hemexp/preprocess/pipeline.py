@@ -37,22 +37,9 @@ from hemexp.io.nifti import make_image, save_nifti, spacing_mm
 from hemexp.io.shards import IMAGE_COLUMNS, patient_table, write_shard
 from hemexp.preprocess.grid import ModelGrid, brain_coverage, model_grid
 from hemexp.preprocess.identity import affine_measures, identity_failure, identity_measures
-from hemexp.preprocess.qc import qc_figure
-from hemexp.preprocess.register import (
-    BL_TO_TEMPLATE,
-    FU_TO_BL,
-    MODEL_GRID,
-    TRANSFORMS_DIR,
-    nib_to_ants,
-    register_patient,
-    rigid_motion,
-    save_native_grid,
-    template_on_grid,
-    template_similarity,
-    to_model_grid,
-)
 from hemexp.preprocess.skullstrip import brain_mask
 from hemexp.preprocess.template import load_template, template_paths
+from hemexp.preprocess.transform_files import BL_TO_TEMPLATE, FU_TO_BL, MODEL_GRID, TRANSFORMS_DIR
 
 TIMEPOINTS = {"bl": "baseline", "fu": "followup"}
 KINDS = ("iph", "ivh")
@@ -199,6 +186,7 @@ def resample_timepoint(stripped: nib.Nifti1Image, brain: nib.Nifti1Image, masks:
                        patient_dir: Path, tp: str) -> dict[str, np.ndarray]:
     """One timepoint on the model grid through ``patient_dir``'s transforms: ``{tp}_ct`` (skull-stripped
     HU, linear, float32), ``{tp}_brain`` and ``{tp}_iph``/``{tp}_ivh`` (label interpolator, uint8)."""
+    from hemexp.preprocess.register import to_model_grid  # ANTs: only the stages that register import it
 
     vols = {f"{tp}_ct": np.asarray(to_model_grid(stripped, patient_dir, tp, "linear").dataobj, np.float32),
             f"{tp}_brain": np.asarray(to_model_grid(brain, patient_dir, tp, "label").dataobj, np.uint8)}
@@ -227,6 +215,7 @@ def _resample_all(src: Path, patient_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _stripped_ants(src: Path, tp: str):
+    from hemexp.preprocess.register import nib_to_ants
 
     return nib_to_ants(skull_stripped(_load(src / f"{tp}_ct.nii.gz"), _load(src / f"brain_{tp}.nii.gz")))
 
@@ -261,6 +250,14 @@ def _warnings(native: dict, grid: dict, row: pd.Series, expansion: bool) -> list
 def preprocess_patient(cfg: dict[str, Any], patient_id: str, out_dir: str | Path | None = None,
                        src_dir: str | Path | None = None) -> dict[str, Any]:
     """Register, resample to the model grid, QC and summarise one ingested patient."""
+    from hemexp.preprocess.qc import qc_figure
+    from hemexp.preprocess.register import (
+        nib_to_ants,
+        register_patient,
+        rigid_motion,
+        save_native_grid,
+        template_on_grid,
+    )
 
     pre = cfg["preprocess"]
     row = patient_row(cfg, patient_id)
@@ -307,6 +304,8 @@ def _summary(cfg: dict[str, Any], pid: str, row: pd.Series, ingest: dict, grid, 
     grid) adds ``registration.template_similarity`` (:func:`template_similarity`: Dice, NCC, centroid offset)."""
     registration: dict[str, Any] = {"brain_dice": dice(vols["bl_brain"], vols["fu_brain"])}
     if on_template is not None:
+        from hemexp.preprocess.register import template_similarity
+
         registration["template_similarity"] = template_similarity(
             vols["bl_ct"], vols["bl_brain"], *on_template, grid.spacing, tuple(cfg["preprocess"]["hu_window"]))
     native = ingest["volumes_ml"]

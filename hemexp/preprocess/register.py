@@ -29,16 +29,18 @@ import numpy as np
 from hemexp.core.files import read_json, write_json
 from hemexp.io.nifti import affine_spacing_mm, make_image
 from hemexp.preprocess.grid import ModelGrid
+from hemexp.preprocess.transform_files import (  # noqa: F401  (re-exported: the names writers use)
+    BL_TO_TEMPLATE,
+    FU_TO_BL,
+    FU_TO_BL_RIGID,
+    MODEL_GRID,
+    NATIVE_GRID,
+    TRANSFORMS_DIR,
+)
 
 # nibabel affines map voxels to RAS+ mm, ITK/ANTs uses LPS+: flip the first two physical axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-TRANSFORMS_DIR = "transforms"
-BL_TO_TEMPLATE = "bl_to_template.mat"  # template point -> native baseline point (ANTs "fwd" convention)
-FU_TO_BL_RIGID = "fu_to_bl_rigid.mat"  # initialisation of the affine stage, kept for inspection
-FU_TO_BL = "fu_to_bl.mat"  # native baseline point -> native follow-up point (rigid composed in)
-NATIVE_GRID = "native_grid.json"  # shape + affine of the native baseline scan
-MODEL_GRID = "model_grid.json"
 
 # User-facing interpolation names -> ANTs interpolators. Label images use genericLabel, which picks
 # the label with the largest Gaussian-weighted vote: it behaves like nearest neighbour when
