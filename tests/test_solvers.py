@@ -24,6 +24,7 @@ class GaussianOracle(torch.nn.Module):
 
     uses_clinical = False
     latent_channels = 2
+    delta_scale = 1.0  # diffuses Δz as it is (ConditionalLatentUNet's contract)
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         super().__init__()
