@@ -104,9 +104,10 @@ def denoising_fit(model: Any, sched_cfg: dict[str, Any], dataset: LatentPairs, s
                 x0 = x0_eps_from_v(v.float(), x, sched.alphas_cumprod, tt)[0] * model.delta_scale
                 return float((x0 - p["delta"]).pow(2).sum())
 
-            sums["true"] += error(part["flag"], False)
-            sums["flag_flipped"] += error(1 - part["flag"], False) if model.uses_flag else error(part["flag"], False)
-            sums["null_clinical"] += error(part["flag"], True) if model.uses_clinical else error(part["flag"], False)
+            true = error(part["flag"], False)  # an input the variant ignores changes nothing: reuse it
+            sums["true"] += true
+            sums["flag_flipped"] += error(1 - part["flag"], False) if model.uses_flag else true
+            sums["null_clinical"] += error(part["flag"], True) if model.uses_clinical else true
             sums["no_change"] += float(delta.pow(2).sum())
         for k in FIT_CONDITIONS:
             out[k].append(sums[k] / data["delta"].numel())

@@ -28,14 +28,13 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from hemexp.cohort.patients import patients
 from hemexp.core.config import sampled_variants
 from hemexp.core.files import write_json
 from hemexp.core.layout import Layout
 from hemexp.core.runtime import get_logger
 from hemexp.core.tables import write_csv
 from hemexp.diffusion.latents import load_latents
-from hemexp.diffusion.train import LatentPairs
+from hemexp.diffusion.train import LatentPairs, training_latents
 from hemexp.evaluation.guidance.run import BundleSampler, Setting, perturb_patient, study_settings
 from hemexp.evaluation.validity.diagnostics import (
     conditioning_sensitivity,
@@ -163,10 +162,9 @@ def split_fits(cfg: Mapping[str, Any], bundle: Any, test_ids: Sequence[str]) -> 
     """Denoising fit (:func:`~hemexp.evaluation.validity.diagnostics.denoising_fit`) on the training
     patients' and the test patients' cached latents, each with its summary: the memorisation check."""
     layout, model = Layout.of(cfg), bundle.diffusion
-    train_ids = sorted(p.patient_id for p in patients(cfg) if p.split == "train")
+    train_lats, _, _ = training_latents(cfg)  # the training stage's own choice and checks of its patients
     out: dict[str, Any] = {}
-    for split, ids in (("train", train_ids), ("test", list(test_ids))):
-        lats = [load_latents(layout.latents(pid)) for pid in ids]
+    for split, lats in (("train", train_lats), ("test", [load_latents(layout.latents(pid)) for pid in test_ids])):
         pairs = LatentPairs(lats, bundle.stats, model.context, step_slices_from_config(cfg))
         fit = denoising_fit(model, bundle.sched_cfg, pairs, seed=int(cfg["evaluation"]["validity"]["seed"]))
         out[split] = {"n_items": len(pairs), **fit, **fit_summary(fit)}
