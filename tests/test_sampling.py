@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hemexp.diffusion.ddim import branches, ddim_step, guided_v
+from hemexp.diffusion.ddim import branches, combine, ddim_step, guided_v
 from hemexp.diffusion.model import build_model, save_diffusion, scheduler_config
 from hemexp.sampling.noise import draw, item_generators
 from hemexp.sampling.sampler import (
@@ -216,6 +216,26 @@ def test_guided_v_combines_branches_and_counts_rows():
     assert branches(model, 1.0) == ("cond",) and branches(model, 0.0) == ("null",)
     assert branches(model, 3.0) == ("cond", "null")
     assert branches(tiny_diffusion("i"), 3.0) == ("cond",)  # no clinical branch: nothing to guide
+
+
+def test_projected_guidance_drops_the_update_part_along_the_conditional_prediction():
+    """The reference code's rule: v_cond + (s − 1)(u⊥ + k u∥), u = v_cond − v_null split per item."""
+    g = torch.Generator().manual_seed(3)
+    cond, null = torch.randn(4, 2, 5, 5, generator=g), torch.randn(4, 2, 5, 5, generator=g)
+    s = 2.5
+    v = combine(cond, null, s, "projected")
+    step = (v - cond) / (s - 1.0)  # = u⊥: orthogonal to v_cond, item by item
+    assert torch.allclose((step * cond).flatten(1).sum(1), torch.zeros(4), atol=1e-4)
+    u = cond - null
+    par = (u * cond).flatten(1).sum(1).view(-1, 1, 1, 1) / cond.flatten(1).pow(2).sum(1).view(-1, 1, 1, 1) * cond
+    assert torch.allclose(step, u - par, atol=1e-5)
+    assert torch.allclose(combine(cond, null, s, "projected", keep_parallel=1.0), combine(cond, null, s), atol=1e-5)
+    assert torch.allclose(combine(cond, null, 1.0, "projected"), cond)
+    model = tiny_diffusion()
+    assert branches(model, 0.0, "projected") == ("cond", "null")  # its update starts from v_cond
+    assert branches(model, 1.0, "projected") == ("cond",)
+    with pytest.raises(ValueError, match="unknown guidance rule"):
+        combine(cond, null, s, "apg")
 
 
 def test_no_null_branch_compute_at_scale_one_or_without_clinical_branch():

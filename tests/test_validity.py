@@ -174,6 +174,24 @@ def test_guidance_table_measures_separation_per_scale(cohort):
     assert list(g["guidance_scale"]) == [0.0, 1.0]
     assert g["separation_ml"].iloc[0] == pytest.approx(0.0)
     assert g["separation_ml"].iloc[1] == pytest.approx(g["true_separation_ml"].iloc[1], rel=0.1)
+    assert set(g["guidance_rule"]) == {"cfg"}  # samples without the column are plain CFG
+
+
+def test_guidance_table_scores_each_rule_on_its_own_rows(cohort):
+    """A second rule's profile rows (here: no separation at all) get their own sweep and target line."""
+    vols = _volumes(cohort.head(30), "law", n=2, n_effect=10).assign(guidance_rule="cfg")
+    other = vols[vols["kind"] == "profile"].assign(guidance_rule="projected")
+    other["total_ml"] = other["baseline_total_ml"]
+    g = T.guidance_table(pd.concat([vols, other]), cohort.head(30), PROFILES, LAW, True, BOOT)
+    assert list(g["guidance_rule"]) == ["cfg", "cfg", "projected", "projected"]
+    assert np.allclose(g[g["guidance_rule"] == "projected"]["separation_ml"], 0.0)
+    cfg_rows = g[g["guidance_rule"] == "cfg"].reset_index(drop=True)
+    plain = T.guidance_table(vols, cohort.head(30), PROFILES, LAW, True, BOOT)
+    assert np.allclose(cfg_rows["separation_ml"], plain["separation_ml"])
+    targets = T.targets_table(pd.DataFrame(), g, pd.DataFrame(), pd.DataFrame(columns=["volume", "quantity", "estimate"]), True)
+    met = targets.set_index("target")["met"]
+    assert not met["guidance separation grows with the scale (projected)"]
+    assert "guidance separation grows with the scale" in met
 
 
 class _ScaledDeltaModel:

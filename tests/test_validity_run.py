@@ -58,7 +58,7 @@ def _study_tree(tmp_path):
     cfg["sampling"].update(variants=["2D-ice", "2D-i"], n_samples=3, ddim_steps=2)
     cfg["evaluation"].update(guidance_scales=[0.0, 1.0], perturbation_variant="2D-ice")
     cfg["evaluation"]["validity"].update(variants=["2D-ice", "2D-i"], effect_samples=2, bootstrap=100,
-                                         oracle_draws=200)
+                                         oracle_draws=200, guidance_rules=["cfg", "projected"])
     save_tiny_models(results / "models", {"2D-ice": ("ice", 1), "2D-i": ("i", 1)}, results)
     law = cfg["cohort"]["synthetic"]["law"]
     patients = {}
@@ -92,6 +92,14 @@ def test_validity_commands_write_every_ablation_row(tmp_path):
     assert set(ice["decode"]) == {"absolute", "residual"} and set(ice["part"]) == {"calibration", "effect"}
     cal = ice[(ice["part"] == "calibration") & (ice["decode"] == "residual")]
     assert len(cal) == 3 * 2 * 3  # patients x flags x n_samples
+    projected = ice[ice["guidance_rule"] == "projected"]  # the second rule resamples the profile sweep only
+    assert set(projected["kind"]) == {"profile"} and set(projected["guidance_scale"]) == {0.0, 1.0}
+    cfg_sweep = ice[(ice["guidance_rule"] == "cfg") & (ice["kind"] == "profile")]
+    assert len(projected) == len(cfg_sweep)
+    key = ["patient_id", "decode", "scenario", "sample", "guidance_scale"]
+    both = cfg_sweep.merge(projected, on=key, suffixes=("_cfg", "_proj"))
+    at1 = both[both["guidance_scale"] == 1.0]  # the rules coincide at s = 1 (conditional branch only)
+    assert np.allclose(at1["total_ml_cfg"], at1["total_ml_proj"])
     only_i = pd.read_csv(results / "validity" / "samples" / "2D-i.csv")
     assert set(only_i["part"]) == {"calibration"}  # no clinical input: no effects to measure
     diag = json.loads((results / "validity" / "samples" / "2D-ice.diagnostics.json").read_text())
@@ -107,7 +115,9 @@ def test_validity_commands_write_every_ablation_row(tmp_path):
     cal = pd.read_csv(out / "calibration.csv")
     assert set(cal["variant"]) == {"2D-ice / absolute", "2D-ice / residual", "2D-i / absolute", "2D-i / residual"}
     targets = pd.read_csv(out / "targets.csv")
-    assert {"adherence flag 1 >= 80 %", "fair CRPS <= 1.5x oracle (total)"} <= set(targets["target"])
+    assert {"adherence flag 1 >= 80 %", "fair CRPS <= 1.5x oracle (total)",
+            "guidance separation grows with the scale (projected)"} <= set(targets["target"])
+    assert set(pd.read_csv(out / "guidance.csv")["guidance_rule"]) == {"cfg", "projected"}
     assert (out / "validity.png").stat().st_size > 10_000
     md = (out / "study.md").read_text()
     assert "## Targets" in md and "## Diagnostics" in md

@@ -222,6 +222,10 @@ def _evaluation_rules(cfg: dict[str, Any]) -> list[str]:
     clash = sorted(set(ev.get("scenarios") or {}) & set(ev.get("profiles") or {}))
     if clash:  # both become rows of one perturbation table, keyed by name
         problems.append(f"evaluation.profiles: {clash} also named in evaluation.scenarios (names must differ)")
+    rules = ev["validity"]["guidance_rules"]
+    if rules[0] != cfg["sampling"]["guidance_rule"]:  # the calibration and effect rows are sampled under it
+        problems.append(f"evaluation.validity.guidance_rules: the first rule ({rules[0]!r}) must be "
+                        f"sampling.guidance_rule ({cfg['sampling']['guidance_rule']!r})")
     return problems
 
 

@@ -10,11 +10,20 @@ study. It lives in the diffusion stage because the training grid needs it and a 
 earlier ones; the sampling stage adds what is sampling policy: per-item seeded noise, chunk sizes
 derived from free memory, encoding, decoding and 3D reassembly.
 
-Guidance (paper §2.4, Ho & Salimans 2022) acts on the model's v-prediction:
-``v = v_null + s · (v_cond − v_null)``; s = 0 is the null clinical embedding, 1 the conditional model,
-> 1 stronger. Only the branches a scale needs are run (:func:`branches`): s = 1 (or a variant without a
-clinical branch) runs the conditional rows only, s = 0 the null rows only, anything else both — as one
-batch of 2B rows.
+Guidance (paper §2.4, Ho & Salimans 2022) acts on the model's v-prediction. Two rules
+(``sampling.guidance_rule``):
+
+* ``cfg``: ``v = v_null + s · (v_cond − v_null)``; s = 0 is the null clinical embedding, 1 the
+  conditional model, > 1 stronger.
+* ``projected``: the reference code's update (lucidrains' ``remove_parallel_component``, the projection
+  of Sadat et al. 2024, "Eliminating oversaturation and artifacts of high guidance scales"):
+  ``v = v_cond + (s − 1) · (u⊥ + k · u∥)`` with ``u = v_cond − v_null`` split, per item, into its parts
+  parallel and orthogonal to ``v_cond``, and k = ``sampling.keep_parallel`` (0 in the reference). k = 1 is
+  plain CFG. The arithmetic is diffusers' ``normalized_guidance`` (its APG guider).
+
+Only the branches a scale needs are run (:func:`branches`): s = 1 (or a variant without a clinical
+branch) runs the conditional rows only, s = 0 under ``cfg`` the null rows only, anything else both — as
+one batch of 2B rows.
 
 η > 0: MONAI's ``DDIMScheduler.step`` draws η-noise for the whole batch from one generator, which would
 tie a sample's noise to the chunking; :func:`ddim_step` therefore takes MONAI's x0 prediction and adds
@@ -39,15 +48,37 @@ Progress = Callable[[int, int], None]  # (U-Net calls done, calls in total)
 StepNoise = Callable[[np.ndarray], torch.Tensor]  # item indices -> their η-noise of one step [n, C, h, w]
 
 
-def branches(model: ConditionalLatentUNet, guidance_scale: float) -> tuple[str, ...]:
-    """The U-Net branches a guidance scale needs: ('cond',), ('null',) or ('cond', 'null')."""
+GUIDANCE_RULES = ("cfg", "projected")
+
+
+def check_rule(rule: str) -> str:
+    if rule not in GUIDANCE_RULES:
+        raise ValueError(f"unknown guidance rule {rule!r}; choose one of {', '.join(GUIDANCE_RULES)}")
+    return rule
+
+
+def branches(model: ConditionalLatentUNet, guidance_scale: float, rule: str = "cfg") -> tuple[str, ...]:
+    """The U-Net branches a guidance scale needs under ``rule``: ('cond',), ('null',) or ('cond', 'null').
+
+    The projected rule at s = 0 still needs both: its update starts from ``v_cond``."""
     if guidance_scale < 0:
         raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
     if not model.uses_clinical or guidance_scale == 1.0:
         return ("cond",)
-    if guidance_scale == 0.0:
+    if guidance_scale == 0.0 and check_rule(rule) == "cfg":
         return ("null",)
     return ("cond", "null")
+
+
+def combine(v_cond: torch.Tensor, v_null: torch.Tensor, scale: float, rule: str = "cfg",
+            keep_parallel: float = 0.0) -> torch.Tensor:
+    """Guided prediction from the two branches under ``rule`` (module docstring)."""
+    if check_rule(rule) == "cfg":
+        return v_null + scale * (v_cond - v_null)
+    from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
+
+    return normalized_guidance(v_cond, v_null, scale - 1.0, eta=float(keep_parallel),
+                               use_original_formulation=True).to(v_cond.dtype)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -59,8 +90,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def guided_v(model: ConditionalLatentUNet, x: torch.Tensor, t: torch.Tensor, baseline: torch.Tensor,
              clinical: torch.Tensor | None, flag: torch.Tensor | None, scale: float,
-             which: tuple[str, ...]) -> torch.Tensor:
-    """Guided v-prediction ``v_null + scale (v_cond − v_null)`` from the branches in ``which`` (float32).
+             which: tuple[str, ...], rule: str = "cfg", keep_parallel: float = 0.0) -> torch.Tensor:
+    """Guided v-prediction (:func:`combine` under ``rule``) from the branches in ``which`` (float32).
 
     ``clinical``/``flag`` may be None for a variant that does not use them.
     """
@@ -71,7 +102,7 @@ def guided_v(model: ConditionalLatentUNet, x: torch.Tensor, t: torch.Tensor, bas
     drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
     two = [None if a is None else torch.cat([a, a]) for a in (x, t, baseline, clinical, flag)]
     v_cond, v_null = model(*two, drop).float().chunk(2)
-    return v_null + scale * (v_cond - v_null)
+    return combine(v_cond, v_null, scale, rule, keep_parallel)
 
 
 def ddim_step(sched: Any, v: torch.Tensor, t: int, x: torch.Tensor, eta: float,
@@ -98,7 +129,8 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
               clinical: torch.Tensor | None, flags: torch.Tensor | None, guidance_scale: float = 1.0,
               eta: float = 0.0, *, base_index: np.ndarray | None = None, cond_index: np.ndarray | None = None,
               step_noise: StepNoise | None = None, chunk_rows: int | None = None, precision: str = "32",
-              channels_last: bool = False, progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+              channels_last: bool = False, progress: Progress | None = None, guidance_rule: str = "cfg",
+              keep_parallel: float = 0.0) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the guided chain (DDIM or a multistep solver) of every item; ``(Δz [M, C, h, w] float32 on CPU, run info)``.
 
     The chain runs in the model's own space (``x_0 = Δz / model.delta_scale``); what it returns is
@@ -110,7 +142,8 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
     so callers need not copy a shared baseline per item. ``step_noise(idx)`` gives the η-noise of items
     ``idx`` for one step (needed when η > 0). ``chunk_rows``: U-Net batch rows per call (a guided item
     costs two; None = every item in one call). ``precision`` as :func:`autocast`; ``channels_last``
-    puts x and the baseline in channels-last memory (faster convolutions on CUDA).
+    puts x and the baseline in channels-last memory (faster convolutions on CUDA). ``guidance_rule`` and
+    ``keep_parallel``: see :func:`combine`.
 
     Run info: ``chunk_rows``, ``branches``, ``unet_calls``, ``items``, ``seconds``.
     """
@@ -122,7 +155,7 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
         raise ValueError("eta > 0 needs step_noise")
     if eta > 0 and solvers.is_multistep(sched):
         raise ValueError("a multistep solver is deterministic: eta must be 0")
-    which = branches(model, guidance_scale)
+    which = branches(model, guidance_scale, guidance_rule)
     rows_per_item = len(which)
     chunk = m if chunk_rows is None else max(1, int(chunk_rows) // rows_per_item)
     out = torch.empty(noise.shape, dtype=torch.float32)
@@ -139,7 +172,7 @@ def ddim_loop(model: ConditionalLatentUNet, sched: Any, noise: torch.Tensor, bas
         for t in chain.timesteps:
             tt = torch.full((len(idx),), int(t), dtype=torch.long, device=device)
             with autocast(device, precision):
-                v = guided_v(model, x, tt, base, clin, flag, guidance_scale, which)
+                v = guided_v(model, x, tt, base, clin, flag, guidance_scale, which, guidance_rule, keep_parallel)
             if solvers.is_multistep(chain):
                 x = solvers.step(chain, v, int(t), x.float())
             else:

@@ -53,7 +53,7 @@ MAX_CHUNK_ROWS = 4096  # beyond this a bigger batch buys nothing on any current 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How to sample: solver and its steps, η (DDIM only), guidance scale, seed, chunking and numeric precision.
+    """How to sample: solver and its steps, η (DDIM only), guidance scale and rule, seed, chunking and numeric precision.
 
     ``chunk_size``: U-Net batch rows per call (a guided item costs two rows); None = derived from free
     memory. ``precision``: 'auto' (bf16 autocast on CUDA, float32 on CPU), '32' or 'bf16'.
@@ -63,6 +63,8 @@ class SamplerSettings:
     eta: float = 0.0
     solver: str = "ddim"
     guidance_scale: float = 1.0
+    guidance_rule: str = "cfg"
+    keep_parallel: float = 0.0
     seed: int = 0
     chunk_size: int | None = None
     precision: str = "auto"
@@ -78,6 +80,8 @@ class SamplerSettings:
         values = {"steps": sampling_cfg["ddim_steps"], "eta": sampling_cfg["eta"],
                   "solver": sampling_cfg.get("solver", "ddim"),
                   "guidance_scale": sampling_cfg["guidance_scale"], "seed": sampling_cfg["seed"],
+                  "guidance_rule": sampling_cfg.get("guidance_rule", "cfg"),
+                  "keep_parallel": sampling_cfg.get("keep_parallel", 0.0),
                   "chunk_size": sampling_cfg["chunk_size"], "precision": sampling_cfg.get("precision", "auto"),
                   "memory_fraction": sampling_cfg.get("memory_fraction", 0.5),
                   "slice_noise": sampling_cfg.get("slice_noise", "shared"),
@@ -195,7 +199,8 @@ def sample_deltas(model: ConditionalLatentUNet, sched_cfg: dict[str, Any], basel
                           torch.as_tensor(np.asarray(flags, dtype=np.int64)), settings.guidance_scale, settings.eta,
                           base_index=np.tile(np.arange(s), n), cond_index=np.repeat(np.arange(n), s),
                           step_noise=field_.step, chunk_rows=chunk_rows, precision=settings.precision,
-                          channels_last=device.type == "cuda", progress=progress)
+                          channels_last=device.type == "cuda", progress=progress,
+                          guidance_rule=settings.guidance_rule, keep_parallel=settings.keep_parallel)
     return out.reshape(n, s, *shape), info
 
 

@@ -25,6 +25,7 @@ a plain function.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -219,7 +220,7 @@ class BundleSampler:
                  guidance_scale: float) -> list[dict[str, float]]:
 
         model = self.bundle.diffusion
-        sees_clinical = model.uses_clinical and "cond" in branches(model, guidance_scale)
+        sees_clinical = model.uses_clinical and "cond" in branches(model, guidance_scale, self.settings.guidance_rule)
         vectors = [clinical_vector(r) for r in clinical]
         keys = [(tuple(v.tolist()) if sees_clinical else None, int(f) if model.uses_flag else 0, int(k))
                 for v, f, k in zip(vectors, flags, sample_ids, strict=True)]
@@ -231,6 +232,13 @@ class BundleSampler:
         self.calls[-1]["requested_rows"] = len(keys)
         by_key = dict(zip(unique, volumes, strict=True))
         return [dict(by_key[key]) for key in keys]
+
+    def using(self, **changes: Any) -> BundleSampler:
+        """The same patient (encoded baseline, reference) sampled with other settings, e.g. another
+        guidance rule: a shallow copy, so the baseline is not encoded again."""
+        other = copy.copy(self)
+        other.settings, other.calls = dataclasses.replace(self.settings, **changes), []
+        return other
 
     def _sample(self, vectors: list[np.ndarray], flags: list[int], sample_ids: list[int],
                 guidance_scale: float) -> list[dict[str, float]]:

@@ -130,11 +130,15 @@ def plot_study(tables: Mapping[str, pd.DataFrame], studied: Sequence[str], path:
         row[0].set_title(f"{variant}: ΔV total vs unperturbed (mL)")
         gui = tables["guidance"]
         gui = gui[gui["variant"] == variant] if not gui.empty else gui
+        for rule, g in gui.groupby("guidance_rule", sort=False) if len(gui) else ():
+            g = g.sort_values("guidance_scale")
+            row[1].errorbar(g["guidance_scale"], g["separation_ml"],
+                            yerr=[g["separation_ml"] - g["separation_low"],
+                                  g["separation_high"] - g["separation_ml"]], fmt="o-", label=f"learned ({rule})")
         if len(gui):
-            row[1].errorbar(gui["guidance_scale"], gui["separation_ml"],
-                            yerr=[gui["separation_ml"] - gui["separation_low"],
-                                  gui["separation_high"] - gui["separation_ml"]], fmt="o-", label="learned")
-            row[1].plot(gui["guidance_scale"], gui["true_separation_ml"], "k--", label="law (conditional, w = 1)")
+            law_line = gui.drop_duplicates("guidance_scale").sort_values("guidance_scale")
+            row[1].plot(law_line["guidance_scale"], law_line["true_separation_ml"], "k--",
+                        label="law (conditional, w = 1)")
             row[1].legend(fontsize=8)
         row[1].set_title("guidance separation: favouring − stable (mL)")
         row[1].set_xlabel("guidance scale")

@@ -13,6 +13,9 @@ Per test patient and variant, at the default guidance scale unless stated:
   guidance profiles at every scale, ``evaluation.validity.effect_samples`` samples each, under the
   patient's true flag, with common random numbers across settings (the guidance study's
   :func:`~hemexp.evaluation.guidance.run.perturb_patient`, reused as is).
+* **guidance rules**: every row is sampled under ``sampling.guidance_rule``; each further rule of
+  ``evaluation.validity.guidance_rules`` resamples the profile sweep (same noise), so the guidance table
+  compares the rules on the same draws. A ``guidance_rule`` column says which.
 
 The per-patient sampler is the guidance study's :class:`~hemexp.evaluation.guidance.run.BundleSampler`
 (baseline encoded once, volumes measured exactly as ``volumes.tsv`` does), so the study measures the
@@ -35,7 +38,7 @@ from hemexp.core.runtime import get_logger
 from hemexp.core.tables import write_csv
 from hemexp.diffusion.latents import load_latents
 from hemexp.diffusion.train import LatentPairs, training_latents
-from hemexp.evaluation.guidance.run import BundleSampler, Setting, perturb_patient, study_settings
+from hemexp.evaluation.guidance.run import PROFILE, BundleSampler, Setting, perturb_patient, study_settings
 from hemexp.evaluation.validity.diagnostics import (
     conditioning_sensitivity,
     denoising_fit,
@@ -119,16 +122,22 @@ def study_patient(cfg: Mapping[str, Any], bundle: Any, sampler_settings: Any, pa
     modes = DecodeModes(bundle_sampler)
     base_ml = baseline_volumes(baseline, spacing)
     scale = float(cfg["sampling"]["guidance_scale"])
+    main_rule, *other_rules = cfg["evaluation"]["validity"]["guidance_rules"]
+    flags = [int(pre["expansion"])] * int(cfg["evaluation"]["validity"]["effect_samples"])
     frames = []
     for mode in DECODE_MODES:
         sampler = modes.view(mode)
         frames.append(calibration_rows(patient_id, pre["clinical"], sampler, int(cfg["sampling"]["n_samples"]),
-                                       scale, base_ml).assign(decode=mode))
+                                       scale, base_ml).assign(decode=mode, guidance_rule=main_rule))
         if bundle.diffusion.uses_clinical:
-            n_effect = int(cfg["evaluation"]["validity"]["effect_samples"])
-            effect, _ = perturb_patient(patient_id, pre["clinical"], [int(pre["expansion"])] * n_effect, sampler,
-                                        settings, base_ml)
-            frames.append(effect.assign(part=EFFECT, decode=mode))
+            effect, _ = perturb_patient(patient_id, pre["clinical"], flags, sampler, settings, base_ml)
+            frames.append(effect.assign(part=EFFECT, decode=mode, guidance_rule=main_rule))
+    profiles = [s for s in settings if s.kind == PROFILE]
+    for rule in other_rules if bundle.diffusion.uses_clinical else ():
+        rule_modes = DecodeModes(bundle_sampler.using(guidance_rule=rule))
+        for mode in DECODE_MODES:
+            effect, _ = perturb_patient(patient_id, pre["clinical"], flags, rule_modes.view(mode), profiles, base_ml)
+            frames.append(effect.assign(part=EFFECT, decode=mode, guidance_rule=rule))
     encoded = EncodedBaseline(zs=bundle_sampler.zs, cond=bundle_sampler.cond, centre=bundle_sampler.centre)
     bias = vae_volume_bias_ml(bundle_sampler.reference, float(cfg["sampling"]["mask_threshold"]), spacing)
     return PatientRun(pd.concat(frames, ignore_index=True), encoded, dict(pre["clinical"]), int(pre["expansion"]), bias)

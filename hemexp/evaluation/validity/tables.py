@@ -93,25 +93,29 @@ def effect_table(volumes: pd.DataFrame, patients: pd.DataFrame, scenarios: Mappi
 
 def guidance_table(volumes: pd.DataFrame, patients: pd.DataFrame, profiles: Mapping[str, Scenario],
                    law: Mapping[str, float], uses_flag: bool, boot: Bootstrap) -> pd.DataFrame:
-    """Per guidance scale: learned separation ΔV(favouring) − ΔV(stable) with its interval, and the law's."""
+    """Per guidance rule and scale: learned separation ΔV(favouring) − ΔV(stable) with its interval, and
+    the law's. Rules in the order sampled (the configured rule first)."""
     rows = volumes[(volumes["part"] == EFFECT) & (volumes["kind"] == "profile")]
     if rows.empty:
         return pd.DataFrame()
-    deltas = patient_deltas(rows, "baseline", "total_ml")
-    wide = deltas.pivot_table(index=["guidance_scale", "patient_id"], columns="scenario", values="delta_ml").reset_index()
+    if "guidance_rule" not in rows:  # samples from before the rule column: all plain CFG
+        rows = rows.assign(guidance_rule="cfg")
     settings = {"base": Scenario(UNPERTURBED), **profiles}
     shares = _true_flag_shares(patients, settings) if uses_flag else None
     law_sep = true_patient_deltas(patients, settings, law, "base", flag_share=shares)
     law_sep = law_sep.pivot(index="patient_id", columns="scenario", values="true_delta_ml")
     true_sep = (law_sep[FAVOURING] - law_sep[STABLE]).rename("true_separation")
     out = []
-    for scale, g in wide.groupby("guidance_scale"):
-        sep = (g[FAVOURING] - g[STABLE]).to_numpy()
-        est = boot([sep])
-        out.append({"guidance_scale": float(scale), "n_patients": len(g), "separation_ml": est[0],
-                    "separation_low": est[1], "separation_high": est[2],
-                    "true_separation_ml": float(true_sep.reindex(g["patient_id"]).mean())})
-    return pd.DataFrame(out).sort_values("guidance_scale").reset_index(drop=True)
+    for rule, by_rule in rows.groupby("guidance_rule", sort=False):
+        deltas = patient_deltas(by_rule.drop(columns="guidance_rule"), "baseline", "total_ml")
+        wide = deltas.pivot_table(index=["guidance_scale", "patient_id"], columns="scenario",
+                                  values="delta_ml").reset_index()
+        for scale, g in wide.groupby("guidance_scale"):
+            est = boot([(g[FAVOURING] - g[STABLE]).to_numpy()])
+            out.append({"guidance_rule": rule, "guidance_scale": float(scale), "n_patients": len(g),
+                        "separation_ml": est[0], "separation_low": est[1], "separation_high": est[2],
+                        "true_separation_ml": float(true_sep.reindex(g["patient_id"]).mean())})
+    return pd.DataFrame(out)
 
 
 # ---------------------------------------------------------------------------- adherence, calibration
@@ -208,10 +212,10 @@ def targets_table(effects: pd.DataFrame, guidance: pd.DataFrame, adherence: pd.D
             bool(big["ci_excludes_0"].all()) if len(big) else None)
         add("every effect within 0.5x-2x of the law's", f"{int(effects['ratio_in_0.5_2'].sum())}/{len(effects)}",
             bool(effects["ratio_in_0.5_2"].all()))
-    if not guidance.empty:
-        sep = guidance["separation_ml"].to_numpy()
-        add("guidance separation grows with the scale", " < ".join(f"{v:.2f}" for v in sep),
-            bool(np.all(np.diff(sep) > 0)))
+    for i, (rule, g) in enumerate(guidance.groupby("guidance_rule", sort=False) if not guidance.empty else ()):
+        sep = g.sort_values("guidance_scale")["separation_ml"].to_numpy()
+        add("guidance separation grows with the scale" + ("" if i == 0 else f" ({rule})"),
+            " < ".join(f"{v:.2f}" for v in sep), bool(np.all(np.diff(sep) > 0)))
     if uses_flag and not adherence.empty:
         a = adherence.set_index("requested_flag")["estimate"]
         add("adherence flag 1 >= 80 %", f"{a.get(1, np.nan):.1%}", bool(a.get(1, 0) >= 0.8))
