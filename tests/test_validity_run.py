@@ -120,6 +120,8 @@ def test_validity_commands_write_every_ablation_row(tmp_path):
     assert set(pd.read_csv(out / "guidance.csv")["guidance_rule"]) == {"cfg", "projected"}
     assert (out / "validity.png").stat().st_size > 10_000
     md = (out / "study.md").read_text()
-    assert "## Targets" in md and "## Diagnostics" in md
+    assert "## Targets" in md and "## Diagnostics" in md and "## Summary: targets per ablation row" in md
+    header = next(line for line in md.splitlines() if line.startswith("| target"))
+    assert "2D-ice / absolute" in header and "2D-i / residual" in header
     numbers = json.loads((out / "study.json").read_text())["numbers"]
     assert numbers["n_test_patients"] == 3 and "2D-ice.residual.total.CRPS_model_over_oracle" in numbers

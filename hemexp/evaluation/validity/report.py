@@ -177,12 +177,28 @@ def write_validity_report(cfg: Mapping[str, Any], patient_ids: Sequence[str], st
     return numbers
 
 
+def targets_summary(targets: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
+    """The targets side by side, one column per ablation row: the measured value, and ✓ / ✗ for met or
+    missed (the study's one-glance answer to "which change helped")."""
+    if targets.empty:
+        return pd.DataFrame()
+    mark = {True: " ✓", False: " ✗"}
+    cells = targets.assign(cell=[f"{m}{mark.get(ok, '')}" for m, ok in zip(targets["measured"], targets["met"],
+                                                                          strict=True)])
+    wide = cells.pivot(index="target", columns="variant", values="cell")
+    order = list(dict.fromkeys(targets["target"]))
+    return wide.reindex(index=order, columns=[c for c in labels if c in wide.columns]).fillna("").reset_index()
+
+
 def _write_markdown(tables: Mapping[str, pd.DataFrame], law: Mapping[str, float], studied: Sequence[str],
                     n_patients: int, path: Path) -> None:
     parts = [f"# Validity study: {n_patients} held-out test patients, variants {', '.join(studied)}\n",
              "Growth law: " + ", ".join(f"{k} {v:g}" for k, v in law.items()) + "\n",
              "Estimates are means over test patients with 95 % patient-bootstrap intervals. Flag-conditioned "
              "variants are sampled under each patient's true flag and compared with the law given that flag.\n"]
+    summary = targets_summary(tables["targets"], studied)
+    if not summary.empty:
+        parts.append("## Summary: targets per ablation row\n\n" + markdown_table(summary))
     for name in ("targets", "effects", "guidance", "adherence", "calibration", "diagnostics"):
         t = tables[name]
         if not t.empty:
