@@ -331,20 +331,30 @@ def decode_followups(bundle: ModelBundle, z_fu: torch.Tensor, n_samples: int, mo
     the masks' probabilities before the threshold), so Δz = 0 returns the baseline exactly and the
     VAE's systematic error at this anatomy cancels; only the learned change reaches the volumes.
     """
-    ct, p_iph, p_ivh = decode_probabilities(bundle.vae, z_fu, bundle.device, batch)
-    if mode == "residual":
-        if reference is None:
-            raise ValueError("residual decoding needs the baseline's DecodeReference")
-        s = len(reference.inputs)
-        shape = (n_samples, s, *ct.shape[1:])
-        parts = []
-        for k, decoded in enumerate((ct, p_iph, p_ivh)):
-            change = decoded.reshape(shape) - reference.decoded[k][None]
-            parts.append((reference.inputs[None, :, k] + change).reshape(decoded.shape))
-        ct, p_iph, p_ivh = np.clip(parts[0], 0.0, 1.0), parts[1], parts[2]
-    elif mode != "absolute":
-        raise ValueError(f"sampling.decode must be one of {DECODE_MODES}, got {mode!r}")
-    return ct, (p_iph > threshold).astype(np.uint8), (p_ivh > threshold).astype(np.uint8)
+    return decode_followups_modes(bundle, z_fu, n_samples, (mode,), threshold, batch, reference)[mode]
+
+
+def decode_followups_modes(bundle: ModelBundle, z_fu: torch.Tensor, n_samples: int, modes: Sequence[str],
+                           threshold: float, batch: int = 64, reference: DecodeReference | None = None
+                           ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`decode_followups` under every mode in ``modes`` from **one** decoder pass: both modes
+    start from ``D(z_bl + Δz)``, residual only adds the baseline's correction."""
+    bad = [m for m in modes if m not in DECODE_MODES]
+    if bad:
+        raise ValueError(f"sampling.decode must be one of {DECODE_MODES}, got {bad[0]!r}")
+    if "residual" in modes and reference is None:
+        raise ValueError("residual decoding needs the baseline's DecodeReference")
+    decoded = decode_probabilities(bundle.vae, z_fu, bundle.device, batch)
+    out = {}
+    for mode in modes:
+        ct, p_iph, p_ivh = decoded
+        if mode == "residual":
+            shape = (n_samples, len(reference.inputs), *ct.shape[1:])
+            parts = [(reference.inputs[None, :, k] + (d.reshape(shape) - reference.decoded[k][None])).reshape(d.shape)
+                     for k, d in enumerate(decoded)]
+            ct, p_iph, p_ivh = np.clip(parts[0], 0.0, 1.0), parts[1], parts[2]
+        out[mode] = (ct, (p_iph > threshold).astype(np.uint8), (p_ivh > threshold).astype(np.uint8))
+    return out
 
 
 @dataclass(frozen=True)

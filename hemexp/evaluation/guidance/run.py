@@ -56,7 +56,7 @@ from hemexp.io.nifti import affine_spacing_mm
 from hemexp.preprocess.pipeline import read_summary
 from hemexp.sampling.flags import flag_plan_for
 from hemexp.sampling.products import assemble, baseline_volumes
-from hemexp.sampling.sampler import decode_followups, decode_reference, encode_baseline, sample_deltas
+from hemexp.sampling.sampler import decode_followups_modes, decode_reference, encode_baseline, sample_deltas
 from hemexp.sampling.scenarios import UNPERTURBED, Scenario, apply_scenario
 from hemexp.sampling.simulate import PatientInput, load_baseline
 
@@ -254,9 +254,9 @@ class BundleSampler:
         z_fu = denormalise(self.centre.unsqueeze(0) + delta, self.bundle.stats).flatten(0, 1)
         n, s = len(flags), len(self.zs)
         by_mode = {}
-        for mode in self.decode_modes:
-            _, iph, ivh = decode_followups(self.bundle, z_fu, n, mode, self.threshold, settings.decode_batch,
-                                           self.reference)
+        decoded = decode_followups_modes(self.bundle, z_fu, n, self.decode_modes, self.threshold,
+                                         settings.decode_batch, self.reference)
+        for mode, (_, iph, ivh) in decoded.items():
             iph, ivh = iph.reshape(n, s, *iph.shape[1:]), ivh.reshape(n, s, *ivh.shape[1:])
             by_mode[mode] = [{"iph_ml": mask_volume_ml(assemble(self.baseline["iph"], iph[k], self.zs), self.spacing),
                               "ivh_ml": mask_volume_ml(assemble(self.baseline["ivh"], ivh[k], self.zs), self.spacing)}
