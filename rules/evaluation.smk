@@ -4,8 +4,8 @@
 # the flag-conditioned variants again under results/samples_<source>/; each is one Table 2 row.
 from hemexp.core.layout import BASELINE_FILES, REFERENCE_MASKS, sample_files
 from hemexp.baselines.nnunet.dataset import baseline_methods
-from hemexp.evaluation.validity.report import PRODUCTS as VALIDITY_TABLES
-from hemexp.evaluation.validity.study import studied_variants
+from hemexp.evaluation.validity.names import PRODUCTS as VALIDITY_TABLES
+from hemexp.evaluation.validity.names import studied_variants
 
 EVAL_CAT = "5. Evaluation"
 GUIDANCE_CAT = "6. Clinical guidance"

@@ -2,9 +2,11 @@
 """Time building the workflow's DAG (a dry run) for a large manifest cohort.
 
 Creates N patients' raw files as empty placeholders and a manifest in a temporary folder, then
-times (1) manifest validation as the Snakefile does it (``hemexp.cohort.patients.patients``) and (2) a full
-``snakemake --dry-run`` of the default target, reporting the planned jobs per rule. Nothing is run
-and nothing under the repository is written.
+times (1) manifest validation as the Snakefile does it (``hemexp.cohort.patients.patients``), (2) a full
+``snakemake --dry-run`` of the default target, reporting the planned jobs per rule and peak memory, and
+(3) the same dry run of the anchor ``scripts/dag_toy/Snakefile`` (7 rules of the same per-patient
+shape, plain ``expand`` inputs) for as many patients, with the ratio. Nothing is run and nothing under
+the repository is written.
 
     .venv/bin/python scripts/bench_dag.py --patients 10000
 """
@@ -16,13 +18,14 @@ import copy
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -75,28 +78,42 @@ def time_validation(cfg_path: Path) -> tuple[float, float, int]:
     return time.perf_counter() - t0, time.process_time() - cpu0, n
 
 
-def dry_run(root: Path, cfg_path: Path, snakefile: Path) -> tuple[float, float, dict[str, int], str]:
-    """Wall and CPU time of ``snakemake -n --quiet rules`` and the job count per rule it prints.
+TOY = REPO / "scripts" / "dag_toy" / "Snakefile"
 
-    CPU time is reported too because on a shared machine wall time mostly measures the neighbours.
+
+def dry_run(root: Path, cfg_path: Path | None, snakefile: Path,
+            extra: Sequence[str] = ()) -> tuple[float, float, float, dict[str, int], str]:
+    """Wall time, CPU time and peak memory (MB) of ``snakemake -n --quiet rules`` and the job count per
+    rule it prints.
+
+    CPU time is reported too because on a shared machine wall time mostly measures the neighbours;
+    CPU and peak memory are this one child's own (``os.wait4``).
     """
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     cmd = [str(Path(sys.executable).parent / "snakemake"), "--snakefile", str(snakefile),
-           "--directory", str(root), "--configfile", str(cfg_path), "--dry-run", "--quiet", "rules",
-           "--cores", "1"]
-    t0, cpu0 = time.perf_counter(), _children_cpu()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    elapsed, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
-    if out.returncode != 0:
-        raise SystemExit(f"dry run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    text = out.stdout + out.stderr
+           "--directory", str(root), *(["--configfile", str(cfg_path)] if cfg_path else []), *extra,
+           "--dry-run", "--quiet", "rules", "--cores", "1"]
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        text = log.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"dry run failed:\n{text[-3000:]}")
     counts = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", text, flags=re.M)}
-    return elapsed, cpu, counts, text
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, counts, text
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def toy_dry_run(root: Path, n: int) -> dict[str, Any]:
+    """The anchor: the 7-rule toy workflow of the same per-patient shape (``scripts/dag_toy``)."""
+    work = root / "toy"
+    work.mkdir(exist_ok=True)
+    elapsed, cpu, rss, counts, _ = dry_run(work, None, TOY, ["--config", f"npat={n}"])
+    return {"dry_run_s": round(elapsed, 2), "dry_run_cpu_s": round(cpu, 2), "peak_rss_mb": round(rss),
+            "jobs": counts.get("total")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="reuse the cohort already in --workdir")
     parser.add_argument("--snakefile", type=Path, default=REPO / "Snakefile",
                         help="workflow to time (e.g. a modified copy of this one)")
+    parser.add_argument("--no-toy", action="store_true", help="skip the toy anchor (scripts/dag_toy/Snakefile)")
     args = parser.parse_args(argv)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="hemexp-bench-dag-"))
@@ -119,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path = write_config(root, manifest)
         setup_s = time.perf_counter() - t0
         validate_s, validate_cpu_s, n = time_validation(cfg_path)
-        dag_s, dag_cpu_s, counts, _ = dry_run(root, cfg_path, args.snakefile)
+        dag_s, dag_cpu_s, rss, counts, _ = dry_run(root, cfg_path, args.snakefile)
         figures = {"patients": n, "cohort_setup_s": round(setup_s, 2),
                    "manifest_validation_s": round(validate_s, 2), "manifest_validation_cpu_s": round(validate_cpu_s, 2),
-                   "dry_run_s": round(dag_s, 2), "dry_run_cpu_s": round(dag_cpu_s, 2), "jobs": counts.get("total"),
-                   "jobs_per_rule": {k: v for k, v in counts.items() if k != "total"}}
+                   "dry_run_s": round(dag_s, 2), "dry_run_cpu_s": round(dag_cpu_s, 2), "peak_rss_mb": round(rss),
+                   "jobs": counts.get("total"), "jobs_per_rule": {k: v for k, v in counts.items() if k != "total"}}
+        if not args.no_toy:  # measured in the same run, right after: the ratio is what the goal is about
+            toy = toy_dry_run(root, args.patients)
+            figures["toy"] = toy
+            figures["cpu_ratio_to_toy"] = round(dag_cpu_s / toy["dry_run_cpu_s"], 2)
+            figures["wall_ratio_to_toy"] = round(dag_s / toy["dry_run_s"], 2)
         print(json.dumps(figures, indent=2))
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")

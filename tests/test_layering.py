@@ -119,3 +119,21 @@ def test_subpackages_have_docstrings_and_stage_clis():
     bad += [f"rules/{s}.smk without hemexp/{s}/cli.py" for s in STAGES
             if not ((ROOT / "rules" / f"{s}.smk").exists() and (PKG / s / "cli.py").exists())]
     assert not bad, "\n".join(bad)
+
+
+def test_the_workflow_files_import_no_deep_learning_stack():
+    """Every Snakemake invocation parses the Snakefile (on a cluster, every job does), so the hemexp
+    modules it and the rule files import must not pull in torch, MONAI, Lightning or pyplot: that
+    would add seconds to each of thousands of per-patient jobs."""
+    import re
+    import subprocess
+    import sys
+
+    files = [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]
+    imports = sorted({m for f in files for m in re.findall(r"^\s*from (hemexp[\w.]*) import", f.read_text(), re.M)})
+    assert imports, "no hemexp imports found in the workflow files"
+    heavy = ("torch", "monai", "lightning", "matplotlib.pyplot")
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in imports) + \
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "", f"the workflow files import {loaded.stdout.strip()} (via {imports})"

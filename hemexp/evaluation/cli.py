@@ -157,8 +157,8 @@ def _validity_sample(args: argparse.Namespace) -> int:
 
 def _validity_report(args: argparse.Namespace) -> int:
     from hemexp.core.errors import PatientInputError
+    from hemexp.evaluation.validity.names import studied_variants
     from hemexp.evaluation.validity.report import write_validity_report
-    from hemexp.evaluation.validity.study import studied_variants
 
     cfg = config_from(args)
     if cfg["cohort"]["source"] != "synthetic":

@@ -26,10 +26,8 @@ from hemexp.core.tables import fmt_floats, markdown_table, write_csv  # noqa: E4
 from hemexp.evaluation.collect import reference_truth  # noqa: E402
 from hemexp.evaluation.guidance.effects import read_truth  # noqa: E402
 from hemexp.evaluation.validity import tables as T  # noqa: E402
+from hemexp.evaluation.validity.names import TABLES  # noqa: E402
 from hemexp.sampling.scenarios import scenarios_from_config  # noqa: E402
-
-TABLES = ("effects", "guidance", "adherence", "calibration", "patient_scores", "targets")
-PRODUCTS = (*TABLES, "diagnostics")  # every CSV the report writes
 
 
 def patient_frame(cfg: Mapping[str, Any], patient_ids: Sequence[str], volumes: pd.DataFrame) -> pd.DataFrame:

@@ -31,7 +31,6 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from hemexp.core.config import sampled_variants
 from hemexp.core.files import write_json
 from hemexp.core.layout import Layout
 from hemexp.core.runtime import get_logger
@@ -46,6 +45,7 @@ from hemexp.evaluation.validity.diagnostics import (
     summarise,
     vae_volume_bias_ml,
 )
+from hemexp.evaluation.validity.names import CALIBRATION, EFFECT
 from hemexp.io.nifti import affine_spacing_mm
 from hemexp.preprocess.pipeline import read_summary
 from hemexp.sampling.products import baseline_volumes
@@ -55,7 +55,6 @@ from hemexp.sampling.simulate import PatientInput, load_baseline
 from hemexp.vae.data import step_slices_from_config
 
 log = get_logger(__name__)
-CALIBRATION, EFFECT = "calibration", "effect"
 
 
 class DecodeModes:
@@ -77,12 +76,6 @@ class DecodeModes:
             return [r["by_mode"][mode] for r in self._done[key]]
 
         return call
-
-
-def studied_variants(cfg: Mapping[str, Any]) -> list[str]:
-    """``evaluation.validity.variants``, or every sampled variant when null."""
-    chosen = cfg["evaluation"]["validity"]["variants"]
-    return list(chosen) if chosen else list(sampled_variants(cfg))
 
 
 def calibration_rows(patient_id: str, clinical: Mapping[str, float], sampler: Callable[..., Any], n: int,

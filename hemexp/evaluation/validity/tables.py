@@ -26,6 +26,7 @@ from hemexp.cohort.synth.law import predictive_relative_growth
 from hemexp.core.clinical import is_expansion
 from hemexp.evaluation.calibration import expected_coverage, pit_rank
 from hemexp.evaluation.guidance.effects import FAVOURING, STABLE, patient_deltas, true_patient_deltas
+from hemexp.evaluation.validity.names import CALIBRATION, EFFECT
 from hemexp.evaluation.validity.scores import (
     distribution_crps,
     fair_crps,
@@ -34,7 +35,6 @@ from hemexp.evaluation.validity.scores import (
     point_crps,
     ratio_of_means,
 )
-from hemexp.evaluation.validity.study import CALIBRATION, EFFECT
 from hemexp.sampling.intervals import empirical_interval
 from hemexp.sampling.scenarios import UNPERTURBED, Scenario
 
