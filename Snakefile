@@ -28,6 +28,7 @@ with exit_on_usage_error("hemexp workflow"):
 
 
 include: "rules/common.smk"
+include: "rules/workflow.smk"
 include: "rules/cohort.smk"
 include: "rules/preprocess.smk"
 include: "rules/vae.smk"

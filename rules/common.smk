@@ -11,6 +11,7 @@ from hemexp.core.config import config_hash, sampled_variants, variants
 from hemexp.core.layout import PREPROCESSED_FILES, Layout, manifest_path, map_files, sample_files
 from hemexp.sampling.flags import flag_source_passes
 from hemexp.workflow.resolved_config import write_resolved_config
+from hemexp.workflow.index import training_files
 from hemexp.workflow.resources import rule_resources
 
 L = Layout.of(config)
@@ -73,3 +74,10 @@ def release_study(variant):
     if TEST and config["evaluation"]["perturbation_variant"] == variant:
         return list(rules.perturb.output)
     return []
+
+
+# Training-split indexes (hemexp/workflow/index.py): a training rule reads index/train_<family>.txt,
+# not every training patient's file, so building a 10,000-patient DAG is not quadratic
+# (docs/orchestration.md, Scale).
+def train_index(family):
+    return str(L.index(family))

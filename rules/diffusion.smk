@@ -63,7 +63,7 @@ if not STATS_FROZEN:
     rule latent_stats:
         """Channel-wise latent mean/std over the training patients only (diffusion normalisation)."""
         input:
-            TRAIN_LATENTS,
+            train_index("latents"),
         output:
             LATENT_STATS,
         log:
@@ -86,7 +86,7 @@ if TRAINABLE_VARIANTS:
     rule train_diffusion:
         """Train one diffusion variant (GPU rule): EMA weights in model.pt, a DDIM sample grid, MLflow run."""
         input:
-            latents=TRAIN_LATENTS,
+            latents=train_index("latents"),
             stats=LATENT_STATS,
             vae=VAE_MODEL,
         output:

@@ -18,7 +18,7 @@ if not CLASSIFIER_FROZEN:
         retrain it); a changed manifest row reruns that patient's preprocess, whose summary is an input.
         """
         input:
-            summaries=[str(L.preprocessed(p) / "summary.json") for p in TRAIN],
+            summaries=train_index("summaries"),
         output:
             model=CLASSIFIER,
             metrics=str(L.classifier_dir / "metrics.json"),
@@ -45,8 +45,8 @@ if not OOD_FROZEN:
         and VAE features over the training split (hemexp/sampling/ood.py); rule sample scores against it.
         """
         input:
-            summaries=[str(L.preprocessed(p) / "summary.json") for p in TRAIN],
-            native=[str(L.native_baseline_ct(p)) for p in TRAIN],
+            summaries=train_index("summaries"),
+            native=train_index("native"),
             vae=VAE_MODEL,
             stats=LATENT_STATS,
         output:

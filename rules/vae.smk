@@ -12,7 +12,7 @@ if not VAE_FROZEN:
     rule train_vae:
         """Train the multi-head VAE (GPU rule); resumes from last.ckpt after a kill."""
         input:
-            [str(L.shard(p)) for p in TRAIN],
+            train_index("shards"),
         output:
             VAE_MODEL,
         log:

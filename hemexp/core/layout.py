@@ -226,6 +226,25 @@ class Layout:
     def report(self) -> Path:
         return self.root / "report.html"
 
+    # ------------------------------------------------------------------ training-split indexes
+    INDEXED = ("shards", "latents", "summaries", "native")
+
+    def indexed_file(self, family: str, patient: str) -> Path:
+        """One patient's file of an indexed family (what a training rule reads of every patient)."""
+        paths = {"shards": self.shard, "latents": self.latents,
+                 "summaries": lambda p: self.preprocessed(p) / "summary.json", "native": self.native_baseline_ct}
+        if family not in paths:
+            raise ValueError(f"unknown index family {family!r}; choose one of {', '.join(self.INDEXED)}")
+        return paths[family](patient)
+
+    def index(self, family: str) -> Path:
+        """``index/train_<family>.txt``: the training patients' files of one family, one per line. The
+        training rules take this one file as input instead of thousands (rule gather_index). ``family``
+        may be the wildcard ``{family}``."""
+        if family not in (*self.INDEXED, "{family}"):
+            raise ValueError(f"unknown index family {family!r}; choose one of {', '.join(self.INDEXED)}")
+        return self.root / "index" / f"train_{family}.txt"
+
     # ------------------------------------------------------------------ bookkeeping
     def log(self, name: str, *keys: str) -> Path:
         """``logs/<name>.log`` or, per wildcard, ``logs/<name>/<k1>/.../<kn>.log``."""

@@ -17,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("failures", help="gather per-patient failure records into qc/failures.tsv")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_failures)
+    p = sub.add_parser("gather-index", help="list the training patients' files of one family in index/train_<family>.txt")
+    p.add_argument("family", choices=Layout.INDEXED)
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=_gather_index)
     p = sub.add_parser("rule-times", help="per-rule wall/CPU time and peak memory into benchmarks/rule_times.tsv")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_rule_times)
@@ -28,6 +32,15 @@ def _failures(args: argparse.Namespace) -> int:
         shown = shareable_path(Layout(Path(args.results)).failures_table, results_dir=args.results)
         print(f"{len(table)} failure(s); see {shown} in the results folder")
         print(table.to_string(index=False))
+    return 0
+
+
+def _gather_index(args: argparse.Namespace) -> int:
+    from hemexp.core.commands import config_from
+    from hemexp.workflow.index import write_index
+
+    path, n = write_index(config_from(args), args.family)
+    print(f"{n} training {args.family} files -> {path}")
     return 0
 
 
