@@ -208,7 +208,7 @@ def targets_table(effects: pd.DataFrame, guidance: pd.DataFrame, adherence: pd.D
         add("every effect has the law's sign", f"{int(effects['sign_ok'].sum())}/{len(effects)}",
             bool(effects["sign_ok"].all()))
         big = effects[effects["true_ml"].abs() > 1.0]
-        add("95 % interval excludes 0 where |law effect| > 1 mL", f"{int(big['ci_excludes_0'].sum())}/{len(big)}",
+        add("95 % interval excludes 0 where the law's effect exceeds 1 mL", f"{int(big['ci_excludes_0'].sum())}/{len(big)}",
             bool(big["ci_excludes_0"].all()) if len(big) else None)
         add("every effect within 0.5x-2x of the law's", f"{int(effects['ratio_in_0.5_2'].sum())}/{len(effects)}",
             bool(effects["ratio_in_0.5_2"].all()))
