@@ -9,6 +9,8 @@ rule gather_index:
         str(L.index("{family}")),
     log:
         str(L.log("gather_index", "{family}")),
+    benchmark:
+        str(L.benchmark("gather_index", L.log("gather_index", "{family}")))
     wildcard_constraints:
         family=one_of(L.INDEXED),
     conda:
