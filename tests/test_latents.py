@@ -69,6 +69,7 @@ def fake_latents(pid: str, split: str, offset: float = 0.0, n: int = 6, flag: in
         is_target=np.array([False, True, True, True, True, False][:n] + [False] * max(0, n - 6)),
         clinical=clinical_vector(CLINICAL), clinical_raw=np.array(list(CLINICAL.values()), np.float32),
         flag=flag, he_prob=float("nan"), spacing_mm=np.array([3, 3, 3], np.float32),
+        iph_bl_cells=(rng.random((n, 4, 4)) < 0.3).astype(np.float32),
     )
 
 
@@ -76,7 +77,7 @@ def as_arrays(lat: PatientLatents) -> dict[str, np.ndarray]:
     return {"z_bl": lat.z_bl, "z_fu": lat.z_fu, "z_bl_flip": lat.z_bl_flip, "z_fu_flip": lat.z_fu_flip, "z": lat.z, "z_mm": lat.z_mm, "is_target": lat.is_target,
             "clinical": lat.clinical, "clinical_raw": lat.clinical_raw, "flag": np.int8(lat.flag),
             "he_prob": np.float32(lat.he_prob), "spacing_mm": lat.spacing_mm, "patient_id": np.str_(lat.patient_id),
-            "split": np.str_(lat.split), "site": np.str_(lat.site)}
+            "split": np.str_(lat.split), "site": np.str_(lat.site), "iph_bl_cells": lat.iph_bl_cells}
 
 
 def test_encode_patient_encodes_every_row_with_the_posterior_mean(tmp_path):
@@ -103,12 +104,28 @@ def test_encode_patient_encodes_every_row_with_the_posterior_mean(tmp_path):
     np.testing.assert_allclose(arrays["he_prob"], 0.25)
 
 
+def test_encode_patient_pools_the_baseline_iph_mask_onto_the_latent_grid(tmp_path):
+    """iph_bl_cells = the share of each latent cell's 2x2 pixels in the baseline IPH mask: the 4x4-pixel
+    baseline hematoma of z 4-5 covers 16 pixels = 4 cells' worth; slices without baseline IPH are 0."""
+    shard = make_shard(tmp_path / "P1.parquet", "P1", expansion=1)
+    arrays = encode_patient(shard, tiny_vae(), HU_WINDOW, batch_size=3)
+    ds = patient_dataset(shard, hu_window=HU_WINDOW)
+    cells = arrays["iph_bl_cells"]
+    assert cells.shape == (len(ds), 8, 8) and cells.dtype == np.float32
+    for row, z in enumerate(arrays["z"]):
+        mask = ds[row]["bl"][1].numpy() > 0.5
+        np.testing.assert_allclose(cells[row], mask.reshape(8, 2, 8, 2).mean(axis=(1, 3)))
+        assert cells[row].sum() * 4 == pytest.approx(16.0 if z in (4, 5) else 0.0)
+    assert set(np.unique(cells[arrays["z"] == 4])) <= {0.0, 0.5, 1.0}  # rows 5..8 of 16 px straddle cells
+
+
 def test_cache_file_roundtrip(tmp_path):
     lat = fake_latents("P2", "test", flag=1)
     save_latents(tmp_path / "P2.npz", as_arrays(lat))
     back = load_latents(tmp_path / "P2.npz")
     np.testing.assert_array_equal(back.z_fu, lat.z_fu)
     np.testing.assert_array_equal(back.is_target, lat.is_target)
+    np.testing.assert_array_equal(back.iph_bl_cells, lat.iph_bl_cells)
     assert (back.patient_id, back.split, back.flag) == ("P2", "test", 1)
     assert np.isnan(back.he_prob)
     assert [p.name for p in tmp_path.iterdir()] == ["P2.npz"]  # atomic write left no temp file

@@ -221,6 +221,7 @@ def test_denoising_fit_measures_explained_change_and_the_flag_penalty_exactly():
     input changes nothing -> penalty 0."""
     from test_latents import fake_latents
 
+    from hemexp.diffusion.lesion import near_baseline_hematoma
     from hemexp.diffusion.model import ddpm_scheduler
     from hemexp.diffusion.train import LatentPairs
     from hemexp.evaluation.validity.diagnostics import NOISE_STEPS, denoising_fit, fit_summary
@@ -237,3 +238,8 @@ def test_denoising_fit_measures_explained_change_and_the_flag_penalty_exactly():
     np.testing.assert_allclose(summary["explained"], 0.75, atol=1e-5)
     np.testing.assert_allclose(summary["flag_flip_penalty"], 3.0, rtol=1e-4)
     np.testing.assert_allclose(summary["null_clinical_penalty"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(summary["explained_near"], 0.75, atol=1e-5)  # the error is 1/4 of Δz² in every cell
+    near = np.concatenate([near_baseline_hematoma(lat.iph_bl_cells)[lat.target_rows] for lat in lats])[:, None]
+    delta = np.concatenate([lat.z_bl[lat.target_rows] for lat in lats]).astype(np.float64)
+    assert 0 < near.mean() < 1
+    np.testing.assert_allclose(summary["near_energy_share"], (delta**2 * near).sum() / (delta**2).sum(), rtol=1e-5)

@@ -413,6 +413,7 @@ class Variant:
     cross_attention: bool = False  # clinical values and flag also as cross-attention tokens
     unit_delta: bool = False  # diffuse Δz divided by its training RMS (unit variance; model.delta_rms)
     scale_shift: bool = False  # condition by scale and shift after GroupNorm (AdaGN; diffusion.adagn)
+    lesion_weight: float = 0.0  # extra loss weight near the baseline hematoma (training only; diffusion.lesion)
 
     @property
     def uses_clinical(self) -> bool:
@@ -429,7 +430,8 @@ def variants(cfg: dict[str, Any]) -> dict[str, Variant]:
         name: Variant(name=name, context=int(spec["context"]), conditioning=spec["conditioning"],
                       cross_attention=bool(spec.get("cross_attention", False)),
                       unit_delta=bool(spec.get("unit_delta", False)),
-                      scale_shift=bool(spec.get("scale_shift", False)))
+                      scale_shift=bool(spec.get("scale_shift", False)),
+                      lesion_weight=float(spec.get("lesion_weight", 0.0)))
         for name, spec in cfg["diffusion"]["variants"].items()
     }
 

@@ -9,7 +9,9 @@ File format (``np.savez``, no pickles): ``z_bl``, ``z_fu`` float32 ``[N, C, h, w
 model-grid slice index, ``z_mm`` float32 ``[N]``, ``is_target`` bool ``[N]``,
 ``clinical`` float32 ``[7]`` (clamped and scaled, :func:`hemexp.core.clinical.clinical_vector`),
 ``clinical_raw`` float32 ``[7]``, ``flag`` int8 (expansion label), ``he_prob`` float32 (NaN if absent),
-``spacing_mm`` float32 ``[3]``, ``patient_id``/``split``/``site`` str.
+``spacing_mm`` float32 ``[3]``, ``patient_id``/``split``/``site`` str, ``iph_bl_cells`` float32
+``[N, h, w]`` the share of each latent cell's pixels inside the baseline IPH mask (training's lesion
+weighting, :mod:`hemexp.diffusion.lesion`; mirroring it is exact, since the grid pools whole cells).
 
 Why mirrored encodings: the diffusion stage augments with horizontal flips, and mirroring a latent
 grid is *not* the latent of the mirrored slice — latent channels encode oriented features. Measured on
@@ -40,7 +42,7 @@ from hemexp.io.shards import read_shard
 from hemexp.vae.data import patient_dataset
 
 ARRAY_KEYS = ("z_bl", "z_fu", "z_bl_flip", "z_fu_flip", "z", "z_mm", "is_target", "clinical", "clinical_raw",
-              "flag", "he_prob", "spacing_mm", "patient_id", "split", "site")
+              "flag", "he_prob", "spacing_mm", "patient_id", "split", "site", "iph_bl_cells")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class PatientLatents:
     flag: int
     he_prob: float
     spacing_mm: np.ndarray
+    iph_bl_cells: np.ndarray
 
     @property
     def target_rows(self) -> np.ndarray:
@@ -110,7 +113,7 @@ def encode_patient(shard_path: str | Path, vae: Any, hu_window: tuple[float, flo
     if ds.shards[0].height % factor or ds.shards[0].width % factor:
         raise PatientInputError(pid, shard_path, f"slice size {ds.shards[0].height}x{ds.shards[0].width} "
                                                  f"is not divisible by the VAE's downsampling factor {factor}")
-    z_bl, z_fu, z_bl_flip, z_fu_flip = _encode_dataset(vae, ds, batch_size, device)
+    z_bl, z_fu, z_bl_flip, z_fu_flip, iph_bl_cells = _encode_dataset(vae, ds, batch_size, device, factor)
     extra = read_shard(shard_path, columns=["z_mm", "spacing_mm"])
     raw = {name: float(rows[name].iloc[0]) for name in CLINICAL_NAMES}
     return {
@@ -129,23 +132,30 @@ def encode_patient(shard_path: str | Path, vae: Any, hu_window: tuple[float, flo
         "patient_id": np.str_(pid),
         "split": np.str_(rows["split"].iloc[0]),
         "site": np.str_(rows["site"].iloc[0]),
+        "iph_bl_cells": iph_bl_cells,
     }
 
 
-def _encode_dataset(vae: Any, ds: Any, batch_size: int, device: Any) -> tuple[np.ndarray, ...]:
+def _encode_dataset(vae: Any, ds: Any, batch_size: int, device: Any, factor: int) -> tuple[np.ndarray, ...]:
     """Posterior means of every item's baseline and follow-up slice, as stored and left-right mirrored
-    (last image axis, see :mod:`hemexp.io.shards`): four float32 ``[N, C, h, w]`` arrays."""
+    (last image axis, see :mod:`hemexp.io.shards`): four float32 ``[N, C, h, w]`` arrays; then the
+    baseline IPH mask (channel 1 of the slice triple) average-pooled onto the latent grid ``[N, h, w]``."""
     import torch
+    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
     out: dict[tuple[str, bool], list[np.ndarray]] = {(k, f): [] for f in (False, True) for k in ("bl", "fu")}
+    cells: list[np.ndarray] = []
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     with torch.inference_mode():
         for batch in loader:
             for key, flip in out:
                 x = batch[key].to(device)
                 out[key, flip].append(vae.encode_mean(x.flip(-1) if flip else x).float().cpu().numpy())
-    return tuple(np.concatenate(out[k]) for k in (("bl", False), ("fu", False), ("bl", True), ("fu", True)))
+            iph = (batch["bl"][:, 1:2].float() > 0.5).float()
+            cells.append(F.avg_pool2d(iph, factor)[:, 0].numpy())
+    latents = tuple(np.concatenate(out[k]) for k in (("bl", False), ("fu", False), ("bl", True), ("fu", True)))
+    return (*latents, np.concatenate(cells).astype(np.float32))
 
 
 def save_latents(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
@@ -168,7 +178,7 @@ def load_latents(path: str | Path) -> PatientLatents:
         z_bl=d["z_bl"], z_fu=d["z_fu"], z_bl_flip=d["z_bl_flip"], z_fu_flip=d["z_fu_flip"],
         z=d["z"], z_mm=d["z_mm"], is_target=d["is_target"],
         clinical=d["clinical"], clinical_raw=d["clinical_raw"], flag=int(d["flag"]),
-        he_prob=float(d["he_prob"]), spacing_mm=d["spacing_mm"],
+        he_prob=float(d["he_prob"]), spacing_mm=d["spacing_mm"], iph_bl_cells=d["iph_bl_cells"],
     )
 
 

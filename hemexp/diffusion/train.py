@@ -38,6 +38,7 @@ from hemexp.core.files import read_json, save_figure, write_json
 from hemexp.core.layout import Layout
 from hemexp.diffusion.ddim import ddim_sample
 from hemexp.diffusion.latents import PatientLatents, check_stats, denormalise, load_latents, normalise
+from hemexp.diffusion.lesion import lesion_weight_map, near_baseline_hematoma
 from hemexp.diffusion.model import (
     ConditionalLatentUNet,
     build_model,
@@ -67,12 +68,17 @@ class LatentPairs(Dataset):
     Item: ``delta`` [C, h, w] = norm(z_fu) - norm(z_bl) of the centre slice; ``baseline``
     [C*context, h, w] = normalised baseline latents of the context slices in z order (centre in the
     middle); ``clinical`` [7]; ``flag`` int64. With ``flips``, also ``delta_flip``/``baseline_flip``
-    from the mirrored slices' encodings. ``flags`` gives every item's expansion label.
+    from the mirrored slices' encodings. With ``lesion_weight`` > 0, also ``weight`` [1, h, w], the
+    loss weights of :func:`~hemexp.diffusion.lesion.lesion_weight_map` (and ``weight_flip``, mirrored).
+    ``flags`` gives every item's expansion label; :meth:`near` its cells near the baseline hematoma.
     """
 
     def __init__(self, patients: list[PatientLatents], stats: dict[str, Any], context: int, step_slices: int,
-                 flips: bool = False):
+                 flips: bool = False, lesion_weight: float = 0.0):
         self.context, self.step, self.flips = int(context), int(step_slices), bool(flips)
+        self._weights = ([torch.from_numpy(lesion_weight_map(p.iph_bl_cells, lesion_weight)) for p in patients]
+                         if lesion_weight > 0 else None)
+        self._near = [torch.from_numpy(near_baseline_hematoma(p.iph_bl_cells)) for p in patients]
 
         def norm(arrays: list[np.ndarray]) -> list[torch.Tensor]:
             return [torch.from_numpy(normalise(a, stats).astype(np.float32)) for a in arrays]
@@ -94,6 +100,11 @@ class LatentPairs(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def near(self, i: int) -> torch.Tensor:
+        """Bool ``[h, w]``: item ``i``'s latent cells near its baseline hematoma (the fit diagnostics' region)."""
+        p, row = self.index[int(i)]
+        return self._near[p][row]
+
     def delta_rms(self) -> float:
         """RMS of Δz over every item (as stored, not mirrored): the ``unit_delta`` scale."""
         return delta_rms([self._fu[p][row] - self._bl[p][row] for p, row in self.index])
@@ -110,6 +121,10 @@ class LatentPairs(Dataset):
         if self.flips:
             item["delta_flip"] = self._fu_flip[p][row] - self._bl_flip[p][row]
             item["baseline_flip"] = self._bl_flip[p][rows].flatten(0, 1)
+        if self._weights is not None:
+            item["weight"] = self._weights[p][row]
+            if self.flips:  # the map of the mirrored slice is the mirrored map (whole cells pool alike)
+                item["weight_flip"] = self._weights[p][row].flip(-1)
         return item
 
 
@@ -209,22 +224,26 @@ class DiffusionModule(pl.LightningModule):
         }
 
     def loss(self, batch: dict[str, torch.Tensor], draws: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(min-SNR-weighted loss, unweighted per-sample MSE) of one micro-batch."""
+        """(min-SNR- and lesion-weighted loss, unweighted per-sample MSE) of one micro-batch."""
         d = {k: v.to(self.device) for k, v in draws.items()}
-        delta, baseline = batch["delta"], batch["baseline"]
+        delta, baseline, cells = batch["delta"], batch["baseline"], batch.get("weight")
         if "delta_flip" in batch:  # mirrored slices' latents for Δz and every baseline slice alike
             flip = d["flip"].view(-1, 1, 1, 1)
             delta = torch.where(flip, batch["delta_flip"], delta)
             baseline = torch.where(flip, batch["baseline_flip"], baseline)
+            if cells is not None:
+                cells = torch.where(flip, batch["weight_flip"], cells)
         delta = delta / self.model.delta_scale  # the model diffuses Δz in its own units (unit_delta)
         x_t = self.scheduler.add_noise(delta, d["noise"], d["t"])
         kind = self.sched_cfg["prediction_type"]
         target = {"v_prediction": lambda: self.scheduler.get_velocity(delta, d["noise"], d["t"]),
                   "epsilon": lambda: d["noise"], "sample": lambda: delta}[kind]()
         pred = self.model(x_t, d["t"], baseline, batch["clinical"], batch["flag"], d["drop"])
-        mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        err = (pred.float() - target.float()).pow(2)
+        mse = err.mean(dim=(1, 2, 3))
+        fit = mse if cells is None else (err * cells).mean(dim=(1, 2, 3))  # lesion weights: mean 1 per slice
         weight = min_snr_weight(snr(self.scheduler.alphas_cumprod, d["t"]), self.gamma, kind)
-        return (weight * mse).mean(), mse
+        return (weight * fit).mean(), mse
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         micro = batch_idx % self.accumulate
@@ -274,7 +293,7 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     run_dir = Layout.of(cfg).diffusion_dir(variant)
     lats, stats, train_ids = training_latents(cfg)
     step = step_slices_from_config(cfg)
-    dataset = LatentPairs(lats, stats, spec.context, step, flips=bool(dcfg["hflip"]))
+    dataset = LatentPairs(lats, stats, spec.context, step, flips=bool(dcfg["hflip"]), lesion_weight=spec.lesion_weight)
     channels = int(lats[0].z_bl.shape[1])
     del lats  # the dataset holds normalised copies; free the raw cache (GBs at paper scale)
     scale = dataset.delta_rms() if spec.unit_delta else 1.0
@@ -284,7 +303,8 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     info = {"name": variant, "context": spec.context, "conditioning": spec.conditioning,
             "latent_channels": channels, "step_slices": step, "context_step_mm": cfg["shards"]["context_step_mm"],
             "clinical_names": list(CLINICAL_NAMES), "cross_attention": spec.cross_attention,
-            "unit_delta": spec.unit_delta, "delta_scale": scale, "scale_shift": spec.scale_shift}
+            "unit_delta": spec.unit_delta, "delta_scale": scale, "scale_shift": spec.scale_shift,
+            "lesion_weight": spec.lesion_weight}
     fingerprint = common.training_fingerprint(fingerprint_cfg(dcfg), info, cfg["seed"], stats["mean"],
                                               stats["std"], train_ids)
     rank0 = common.global_rank() == 0

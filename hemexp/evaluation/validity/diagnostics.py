@@ -10,7 +10,10 @@
   the error of predicting no change, with the true condition, the flag flipped and the clinical input
   nulled. A model that memorised its training patients (each baseline identifies its patient, so
   neither flag nor clinical vector is needed) explains far more of Δz on the training split than on
-  the held-out one, and flipping the flag barely hurts it on either.
+  the held-out one, and flipping the flag barely hurts it on either. The same share is also measured
+  on the cells near the baseline hematoma alone (:func:`hemexp.diffusion.lesion.near_baseline_hematoma`),
+  where growth happens, with the share of Δz's energy that lies there: outside it, Δz is mostly the
+  two scans' noise, which nothing can predict.
 * **VAE volume bias.** The IPH volume of the baseline's own VAE round trip minus the true baseline
   volume, on the sampled slices: what absolute decoding adds to every sampled follow-up before any
   growth is sampled (:func:`hemexp.sampling.sampler.decode_followups`).
@@ -76,6 +79,7 @@ def conditioning_sensitivity(bundle: Any, enc: EncodedBaseline, other: EncodedBa
 
 
 FIT_CONDITIONS = ("true", "flag_flipped", "null_clinical", "no_change")
+NEAR_TERMS = ("true_near", "no_change_near")  # the same errors on the cells near the baseline hematoma
 
 
 @torch.no_grad()
@@ -83,15 +87,18 @@ def denoising_fit(model: Any, sched_cfg: dict[str, Any], dataset: LatentPairs, s
                   batch_size: int = 256) -> dict[str, list[float]]:
     """Mean squared error (normalised Δz units) of the x0 prediction per noise step in
     :data:`NOISE_STEPS`, for every target slice of ``dataset``, under each of :data:`FIT_CONDITIONS`
-    (``no_change`` predicts Δz = 0: the scale the others are read against). Noise is seeded."""
+    (``no_change`` predicts Δz = 0: the scale the others are read against), and ``true_near`` /
+    ``no_change_near``: the true-condition and no-change squared errors summed over the cells near
+    the baseline hematoma only (divided by every element's count, as the others). Noise is seeded."""
     sched = ddpm_scheduler(sched_cfg)
     device = next(model.parameters()).device
     items = [dataset[i] for i in range(len(dataset))]
     data = {k: torch.stack([it[k] for it in items]) for k in ("delta", "baseline", "clinical", "flag")}
+    data["near"] = torch.stack([dataset.near(i) for i in range(len(items))])[:, None].float()
     noise = torch.randn(data["delta"].shape, generator=torch.Generator().manual_seed(seed))
-    out: dict[str, list[float]] = {k: [] for k in FIT_CONDITIONS}
+    out: dict[str, list[float]] = {k: [] for k in (*FIT_CONDITIONS, *NEAR_TERMS)}
     for step in NOISE_STEPS:
-        sums = dict.fromkeys(FIT_CONDITIONS, 0.0)
+        sums = dict.fromkeys(out, 0.0)
         for start in range(0, len(items), batch_size):
             part = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
             delta, n = part["delta"], part["delta"].shape[0]
@@ -99,27 +106,33 @@ def denoising_fit(model: Any, sched_cfg: dict[str, Any], dataset: LatentPairs, s
             x_t = sched.add_noise(delta / model.delta_scale, noise[start:start + batch_size].to(device), t)
 
             def error(flag: torch.Tensor, drop: bool, x: torch.Tensor = x_t, tt: torch.Tensor = t,
-                      p: dict[str, torch.Tensor] = part) -> float:
+                      p: dict[str, torch.Tensor] = part) -> torch.Tensor:
                 v = model(x, tt, p["baseline"], p["clinical"], flag, torch.full((len(x),), drop, device=device))
                 x0 = x0_eps_from_v(v.float(), x, sched.alphas_cumprod, tt)[0] * model.delta_scale
-                return float((x0 - p["delta"]).pow(2).sum())
+                return (x0 - p["delta"]).pow(2)
 
             true = error(part["flag"], False)  # an input the variant ignores changes nothing: reuse it
-            sums["true"] += true
-            sums["flag_flipped"] += error(1 - part["flag"], False) if model.uses_flag else true
-            sums["null_clinical"] += error(part["flag"], True) if model.uses_clinical else true
+            sums["true"] += float(true.sum())
+            sums["flag_flipped"] += float(error(1 - part["flag"], False).sum()) if model.uses_flag else float(true.sum())
+            sums["null_clinical"] += float(error(part["flag"], True).sum()) if model.uses_clinical else float(true.sum())
             sums["no_change"] += float(delta.pow(2).sum())
-        for k in FIT_CONDITIONS:
+            sums["true_near"] += float((true * part["near"]).sum())
+            sums["no_change_near"] += float((delta.pow(2) * part["near"]).sum())
+        for k in out:
             out[k].append(sums[k] / data["delta"].numel())
     return out
 
 
 def fit_summary(fit: dict[str, list[float]]) -> dict[str, list[float]]:
     """Per noise step: the share of Δz's no-change error the prediction explains (1 − MSE / MSE₀), and
-    how much worse it gets with the flag flipped or the clinical input nulled (MSE ratio − 1)."""
+    how much worse it gets with the flag flipped or the clinical input nulled (MSE ratio − 1); the
+    explained share on the cells near the baseline hematoma, and the share of Δz's energy there."""
     mse0 = np.maximum(np.asarray(fit["no_change"]), 1e-12)
     true = np.maximum(np.asarray(fit["true"]), 1e-12)
+    near0 = np.maximum(np.asarray(fit["no_change_near"]), 1e-12)
     return {"explained": (1.0 - true / mse0).tolist(),
+            "explained_near": (1.0 - np.asarray(fit["true_near"]) / near0).tolist(),
+            "near_energy_share": (np.asarray(fit["no_change_near"]) / mse0).tolist(),
             "flag_flip_penalty": (np.asarray(fit["flag_flipped"]) / true - 1.0).tolist(),
             "null_clinical_penalty": (np.asarray(fit["null_clinical"]) / true - 1.0).tolist()}
 

@@ -46,8 +46,9 @@ def patient_frame(cfg: Mapping[str, Any], patient_ids: Sequence[str], volumes: p
 
 def diagnostics_table(layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
     """Per variant and noise step: how far the x0 prediction moves for flag, clinical and baseline
-    changes, the denoising fit on training vs test patients (share of Δz explained; loss penalty of a
-    flipped flag or nulled clinical input) (:mod:`hemexp.evaluation.validity.diagnostics`), and the
+    changes, the denoising fit on training vs test patients (share of Δz explained, overall and near
+    the baseline hematoma; the share of Δz's energy there; loss penalty of a flipped flag or nulled
+    clinical input) (:mod:`hemexp.evaluation.validity.diagnostics`), and the
     VAE's baseline volume bias."""
     rows = []
     for variant in studied:
@@ -59,7 +60,8 @@ def diagnostics_table(layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
                          "clinical_over_baseline": d["clinical_over_baseline"][i],
                          "vae_iph_bias_ml": d["vae_iph_bias_ml_mean"], "vae_iph_abs_bias_ml": d["vae_iph_bias_ml_mae"],
                          **{f"{split}_{k}": d["fit"][split][k][i] for split in ("train", "test")
-                            for k in ("explained", "flag_flip_penalty", "null_clinical_penalty")}})
+                            for k in ("explained", "explained_near", "near_energy_share", "flag_flip_penalty",
+                                      "null_clinical_penalty")}})
     return pd.DataFrame(rows)
 
 
