@@ -2,7 +2,7 @@
 # calibration + PIT of every sampled variant, and the clinical-guidance study (Fig. 3) of one variant.
 # Extra flag-source passes (evaluation.flag_source_passes, e.g. the classifier flag for 2D-ice) sample
 # the flag-conditioned variants again under results/samples_<source>/; each is one Table 2 row.
-from hemexp.core.layout import BASELINE_FILES, REFERENCE_MASKS, sample_files
+from hemexp.core.layout import BASELINE_FILES, FOLLOWUP_FILES, REFERENCE_MASKS, sample_files
 from hemexp.baselines.nnunet.dataset import baseline_methods
 from hemexp.evaluation.validity.names import PRODUCTS as VALIDITY_TABLES
 from hemexp.evaluation.validity.names import studied_variants
@@ -171,7 +171,10 @@ if TEST and config["cohort"]["source"] == "synthetic":
         """Validity samples of one variant for every test patient: calibration/adherence sets under flag
         1 and flag 0, and the clinical scenarios and guidance profiles under the true flag."""
         input:
-            preprocessed=[f for p in TEST for f in preprocessed(p, ("summary.json", *BASELINE_FILES))],
+            preprocessed=[
+                f for p in TEST for f in preprocessed(p, ("summary.json", *BASELINE_FILES, *FOLLOWUP_FILES))
+            ],
+            # the follow-up: the truth measured as a sample is (diagnostics)
             latents=[str(L.latents(p)) for p in TRAIN + TEST],  # the denoising-fit diagnostic
             model=DIFFUSION_MODEL,
             vae=VAE_MODEL,

@@ -243,3 +243,20 @@ def test_denoising_fit_measures_explained_change_and_the_flag_penalty_exactly():
     delta = np.concatenate([lat.z_bl[lat.target_rows] for lat in lats]).astype(np.float64)
     assert 0 < near.mean() < 1
     np.testing.assert_allclose(summary["near_energy_share"], (delta**2 * near).sum() / (delta**2).sum(), rtol=1e-5)
+
+
+def test_truth_adherence_counts_true_follow_ups_that_expand_by_the_rule_per_flag_and_measure():
+    """Known answers: baseline 10 mL; expanders' truths 14 (40 %, expands) and 12 (20 %, does not) on
+    the grid, both 12.9 after decoding (29 %, neither); the non-expander's 10.5 nowhere expands."""
+    from hemexp.evaluation.validity.tables import Bootstrap, truth_adherence_table
+
+    def patient(flag: int, grid: float, decoded: float) -> dict:
+        return {"true_flag": flag, "baseline_iph_ml": 10.0, "truth_iph_ml": {"grid": grid, "decoded_absolute": decoded}}
+
+    per_patient = [patient(1, 14.0, 12.9), patient(1, 12.0, 12.9), patient(0, 10.5, 10.5), {"true_flag": 0}]
+    table = truth_adherence_table(per_patient, Bootstrap(200, 0.95, 0)).set_index(["measured_on", "true_flag"])
+    assert table.loc[("grid", 1), "estimate"] == pytest.approx(0.5)
+    assert table.loc[("decoded_absolute", 1), "estimate"] == 0.0
+    assert table.loc[("grid", 0), "estimate"] == 0.0 and table.loc[("grid", 0), "n_patients"] == 1
+    assert table.loc[("grid", 1), "ci_low"] <= 0.5 <= table.loc[("grid", 1), "ci_high"]
+    assert truth_adherence_table([{"true_flag": 1}], Bootstrap(10, 0.95, 0)).empty  # an older run's diagnostics

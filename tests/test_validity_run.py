@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import yaml
 from test_latents import as_arrays, fake_latents
@@ -22,6 +24,7 @@ from hemexp.cohort.patients import patients as cohort_patients
 from hemexp.core.config import DEFAULT_CONFIG, load_config
 from hemexp.core.files import write_json
 from hemexp.diffusion.latents import denormalise, save_latents
+from hemexp.evaluation.validity.diagnostics import TRUTH_MEASURES
 from hemexp.sampling.sampler import decode_followups, decode_reference, encode_baseline
 
 CLIN = {"onset_to_ct_h": 2.0, "anticoagulant": 0.0, "antiplatelet": 1.0, "age": 72.0, "gcs": 13.0, "sbp": 175.0}
@@ -64,7 +67,8 @@ def _study_tree(tmp_path):
     patients = {}
     for i, pid in enumerate(("D001", "D002", "D003")):
         base = synthetic_baseline(seed=i)
-        fu = {"iph": np.pad(base["iph"], 1)[:-2, 1:-1, 1:-1] | base["iph"], "ivh": base["ivh"]}  # a grown clot
+        grown = np.pad(base["iph"], 1)[:-2, 1:-1, 1:-1] | base["iph"]  # a clot grown by one voxel in x
+        fu = {"ct": np.where(grown > 0, 70.0, base["ct"]).astype(np.float32), "iph": grown, "ivh": base["ivh"]}
         pdir = results / "preprocessed" / pid
         write_patient_dir(pdir, base, followup=fu)
         clinical = {**CLIN, "baseline_iph_ml": float(base["iph"].sum() * 27 / 1000)}
@@ -107,6 +111,12 @@ def test_validity_commands_write_every_ablation_row(tmp_path):
     assert all(v > 0 for v in diag["flag_rms"]) and all(v > 0 for v in diag["baseline_rms"])
     assert diag["fit"]["test"]["n_items"] == 3 * 4 and diag["fit"]["train"]["n_items"] > 0  # 4 targets each
     assert all(np.isfinite(diag["fit"][s]["explained"]).all() for s in ("train", "test"))
+    for rec in diag["patients"]:  # the truth measured as a sample is: the grown clot keeps its z-range
+        grid_ml = float(np.sum(nib.load(results / "preprocessed" / rec["patient_id"] / "fu_iph.nii.gz").dataobj)) * 27 / 1000
+        assert set(rec["truth_iph_ml"]) == set(TRUTH_MEASURES) and rec["true_flag"] == int(rec["patient_id"] == "D001")
+        assert rec["truth_iph_ml"]["grid"] == pytest.approx(grid_ml)
+        assert rec["truth_iph_ml"]["sampled_slices"] == pytest.approx(grid_ml)
+        assert rec["truth_iph_ml"]["grid"] > rec["baseline_iph_ml"] > 0
 
     assert main(["validity-report", "--patients", *ids, "--config", str(cfg)]) == 0
     out = results / "validity"
@@ -118,9 +128,12 @@ def test_validity_commands_write_every_ablation_row(tmp_path):
     assert {"adherence flag 1 >= 80 %", "fair CRPS <= 1.5x oracle (total)",
             "guidance separation grows with the scale (projected)"} <= set(targets["target"])
     assert set(pd.read_csv(out / "guidance.csv")["guidance_rule"]) == {"cfg", "projected"}
+    truth = pd.read_csv(out / "truth_adherence.csv")
+    assert set(truth["measured_on"]) == set(TRUTH_MEASURES) and set(truth["true_flag"]) == {0, 1}
+    assert (truth.loc[truth["true_flag"] == 1, "n_patients"] == 1).all()
     assert (out / "validity.png").stat().st_size > 10_000
     md = (out / "study.md").read_text()
-    assert "## Targets" in md and "## Diagnostics" in md and "## Summary: targets per ablation row" in md
+    assert "## Targets" in md and "## Diagnostics" in md and "## Adherence of the true follow-ups" in md and "## Summary: targets per ablation row" in md
     header = next(line for line in md.splitlines() if line.startswith("| target"))
     assert "2D-ice / absolute" in header and "2D-i / residual" in header
     numbers = json.loads((out / "study.json").read_text())["numbers"]

@@ -25,6 +25,7 @@ PREPROCESSED_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_ct.n
                       "qc.png", "summary.json")
 REFERENCE_MASKS = ("bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_iph.nii.gz", "fu_ivh.nii.gz")
 BASELINE_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz")
+FOLLOWUP_FILES = ("fu_ct.nii.gz", "fu_iph.nii.gz", "fu_ivh.nii.gz")
 MAP_KINDS = ("iph", "ivh", "new")
 SAMPLE_STRUCTURES = ("ct", "iph", "ivh")
 SAMPLE_MASK = "samples/sample_{k:02d}_{structure}.nii.gz"

@@ -34,6 +34,7 @@ from hemexp.core.clinical import (
 )
 from hemexp.core.errors import PatientInputError
 from hemexp.core.files import atomic_dir, read_json, write_json
+from hemexp.core.layout import BASELINE_FILES
 from hemexp.io.masks import read_mask
 from hemexp.io.nifti import affine_spacing_mm, make_image, save_nifti, spacing_mm
 from hemexp.preprocess.pipeline import (
@@ -70,8 +71,6 @@ from hemexp.sampling.sampler import generate_followups, load_bundle
 from hemexp.sampling.scenarios import Change, Scenario, apply_scenario
 from hemexp.tracking.registry import bundle_config, resolve_models
 
-BASELINE_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz")
-
 
 @dataclass
 class PatientInput:
@@ -92,23 +91,30 @@ class DicomRequest:
     facts: Mapping[str, Any]
 
 
-def load_baseline(patient: PatientInput) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(``{ct, iph, ivh}`` model-grid arrays, grid affine) of a preprocessed baseline."""
+def load_grid_scan(patient: PatientInput, files: Sequence[str], what: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(``{ct, iph, ivh}`` model-grid arrays, grid affine) of one preprocessed time point; ``files`` are
+    its CT, IPH and IVH file names (:data:`~hemexp.core.layout.BASELINE_FILES` or ``FOLLOWUP_FILES``)."""
     out, affine = {}, None
-    for key, name in zip(("ct", "iph", "ivh"), BASELINE_FILES, strict=True):
+    for key, name in zip(("ct", "iph", "ivh"), files, strict=True):
         path = patient.patient_dir / name
         if not path.is_file():
-            raise PatientInputError(patient.patient_id, path, "preprocessed baseline file missing")
+            raise PatientInputError(patient.patient_id, path, f"preprocessed {what} file missing")
         if key == "ct":
             img = nib.load(str(path))
             out[key], grid = np.asarray(img.dataobj, dtype=np.float32), img.affine
         else:
-            out[key], grid = read_mask(path, patient.patient_id, f"baseline {key.upper()} mask")
+            out[key], grid = read_mask(path, patient.patient_id, f"{what} {key.upper()} mask")
         affine = grid if affine is None else affine
+    return out, np.asarray(affine)
+
+
+def load_baseline(patient: PatientInput) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(``{ct, iph, ivh}`` model-grid arrays, grid affine) of a preprocessed baseline."""
+    out, affine = load_grid_scan(patient, BASELINE_FILES, "baseline")
     if not out["iph"].any():
         raise PatientInputError(patient.patient_id, patient.patient_dir / BASELINE_FILES[1],
                                 "baseline IPH is empty on the model grid: nothing to simulate")
-    return out, np.asarray(affine)
+    return out, affine
 
 
 def simulate_patient(bundle: Any, patient: PatientInput, plan: FlagPlan, settings: Any, sampling_cfg: Mapping[str, Any],

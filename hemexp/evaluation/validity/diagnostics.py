@@ -17,6 +17,11 @@
 * **VAE volume bias.** The IPH volume of the baseline's own VAE round trip minus the true baseline
   volume, on the sampled slices: what absolute decoding adds to every sampled follow-up before any
   growth is sampled (:func:`hemexp.sampling.sampler.decode_followups`).
+* **The truth, measured as a sample is.** The patient's true follow-up IPH volume on the model grid,
+  on the sampled slices only (the baseline elsewhere, as a sample is reassembled), and encoded and
+  decoded by the VAE in each decode mode. Whether each expands by the paper's rule bounds the
+  adherence a perfect model could show here: the grid, the sampled z-range and the VAE each lose
+  some growth before any diffusion model is involved.
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ import torch
 from hemexp.core.clinical import clinical_vector, mask_volume_ml
 from hemexp.diffusion.model import ddpm_scheduler, x0_eps_from_v
 from hemexp.diffusion.train import LatentPairs
-from hemexp.sampling.sampler import DecodeReference, EncodedBaseline
+from hemexp.sampling.products import assemble
+from hemexp.sampling.sampler import (
+    DECODE_MODES,
+    DecodeReference,
+    EncodedBaseline,
+    decode_followups_modes,
+    encode,
+    slice_stack,
+)
 
 NOISE_STEPS = (100, 300, 500, 700, 900)
 
@@ -41,6 +54,26 @@ def vae_volume_bias_ml(reference: DecodeReference, threshold: float, spacing: Se
     truth = reference.inputs[:, 1] > 0.5
     # [S, H, W] slice stacks: the volume of a mask does not depend on the axis order
     return mask_volume_ml(decoded, spacing) - mask_volume_ml(truth.astype(np.uint8), spacing)
+
+
+TRUTH_MEASURES = ("grid", "sampled_slices", *(f"decoded_{m}" for m in DECODE_MODES))
+
+
+def truth_as_sampled(sampler: Any, followup: dict[str, np.ndarray], hu_window: Sequence[float]) -> dict[str, float]:
+    """IPH volume (mL) of the true follow-up under each of :data:`TRUTH_MEASURES`: the whole grid; the
+    sampled slices ``sampler.zs`` on the baseline elsewhere; and those slices encoded and decoded in
+    each of the sampler's decode modes (``sampler`` is the study's
+    :class:`~hemexp.evaluation.guidance.run.BundleSampler`: same slices, threshold and reference)."""
+    bundle, zs, base = sampler.bundle, sampler.zs, sampler.baseline["iph"]
+    images = slice_stack(followup["ct"], followup["iph"], followup["ivh"], zs, hu_window)
+    out = {"grid": mask_volume_ml(followup["iph"], sampler.spacing),
+           "sampled_slices": mask_volume_ml(assemble(base, (images[:, 1] > 0.5).astype(np.uint8), zs), sampler.spacing)}
+    z_fu = encode(bundle.vae, images, bundle.device, sampler.settings.decode_batch)
+    decoded = decode_followups_modes(bundle, z_fu, 1, sampler.decode_modes, sampler.threshold,
+                                     sampler.settings.decode_batch, sampler.reference)
+    for mode, (_, iph, _) in decoded.items():
+        out[f"decoded_{mode}"] = mask_volume_ml(assemble(base, iph, zs), sampler.spacing)
+    return out
 
 
 def _rms(x: torch.Tensor) -> float:

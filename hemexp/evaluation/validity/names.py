@@ -16,7 +16,7 @@ from hemexp.core.config import sampled_variants
 
 CALIBRATION, EFFECT = "calibration", "effect"  # sample-row parts: predictive sets and clinical settings
 TABLES = ("effects", "guidance", "adherence", "calibration", "patient_scores", "targets")
-PRODUCTS = (*TABLES, "diagnostics")  # every CSV the report writes
+PRODUCTS = (*TABLES, "diagnostics", "truth_adherence")  # every CSV the report writes
 
 
 def studied_variants(cfg: Mapping[str, Any]) -> list[str]:

@@ -65,6 +65,15 @@ def diagnostics_table(layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def truth_adherence(cfg: Mapping[str, Any], layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
+    """:func:`~hemexp.evaluation.validity.tables.truth_adherence_table` of the first studied variant's
+    diagnostics: the truth through the grid and the VAE does not depend on the diffusion variant (one VAE
+    per results folder; the sampled slices depend on the baseline only)."""
+    v = cfg["evaluation"]["validity"]
+    boot = T.Bootstrap(int(v["bootstrap"]), float(v["ci"]), int(v["seed"]))
+    return T.truth_adherence_table(read_json(layout.validity_diagnostics(studied[0]))["patients"], boot)
+
+
 def row_label(variant: str, decode: str) -> str:
     """The ablation row of one (variant, decode mode): ``2D-ice / residual``."""
     return f"{variant} / {decode}"
@@ -96,8 +105,10 @@ def slug(label: str) -> str:
 
 
 def _numbers(tables: Mapping[str, pd.DataFrame]) -> dict[str, float]:
-    tables = {k: t.assign(variant=t["variant"].map(slug)) if not t.empty else t for k, t in tables.items()}
+    tables = {k: t.assign(variant=t["variant"].map(slug)) if "variant" in t else t for k, t in tables.items()}
     out: dict[str, float] = {}
+    for r in tables["truth_adherence"].to_dict("records"):  # one set for the study: no variant in it
+        out[f"truth.adherence.{r['measured_on']}.flag{r['true_flag']}"] = r["estimate"]
     for r in tables["effects"].to_dict("records") if not tables["effects"].empty else []:
         out[f"{r['variant']}.effect.{r['scenario']}.learned_ml"] = r["learned_ml"]
         out[f"{r['variant']}.effect.{r['scenario']}.true_ml"] = r["true_ml"]
@@ -168,6 +179,7 @@ def write_validity_report(cfg: Mapping[str, Any], patient_ids: Sequence[str], st
     tables = {k: pd.concat([t[k] for t in per_variant if not t[k].empty], ignore_index=True)
               if any(not t[k].empty for t in per_variant) else pd.DataFrame() for k in TABLES}
     tables["diagnostics"] = diagnostics_table(layout, studied)
+    tables["truth_adherence"] = truth_adherence(cfg, layout, studied)
     for name, table in tables.items():
         write_csv(table, layout.validity_product(f"{name}.csv"))
     numbers = {**_numbers(tables), "n_test_patients": float(len(patient_ids))}
@@ -190,6 +202,9 @@ def targets_summary(targets: pd.DataFrame, labels: Sequence[str]) -> pd.DataFram
     return wide.reindex(index=order, columns=[c for c in labels if c in wide.columns]).fillna("").reset_index()
 
 
+HEADINGS = {"truth_adherence": "Adherence of the true follow-ups, measured as samples are"}
+
+
 def _write_markdown(tables: Mapping[str, pd.DataFrame], law: Mapping[str, float], studied: Sequence[str],
                     n_patients: int, path: Path) -> None:
     parts = [f"# Validity study: {n_patients} held-out test patients, variants {', '.join(studied)}\n",
@@ -199,9 +214,9 @@ def _write_markdown(tables: Mapping[str, pd.DataFrame], law: Mapping[str, float]
     summary = targets_summary(tables["targets"], studied)
     if not summary.empty:
         parts.append("## Summary: targets per ablation row\n\n" + markdown_table(summary))
-    for name in ("targets", "effects", "guidance", "adherence", "calibration", "diagnostics"):
+    for name in ("targets", "effects", "guidance", "adherence", "truth_adherence", "calibration", "diagnostics"):
         t = tables[name]
         if not t.empty:
-            parts.append(f"## {name.capitalize()}\n\n" + markdown_table(fmt_floats(t)))
+            parts.append(f"## {HEADINGS.get(name, name.capitalize())}\n\n" + markdown_table(fmt_floats(t)))
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts) + "\n")

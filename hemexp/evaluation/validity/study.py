@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from hemexp.core.files import write_json
-from hemexp.core.layout import Layout
+from hemexp.core.layout import FOLLOWUP_FILES, Layout
 from hemexp.core.runtime import get_logger
 from hemexp.core.tables import write_csv
 from hemexp.diffusion.latents import load_latents
@@ -43,6 +43,7 @@ from hemexp.evaluation.validity.diagnostics import (
     denoising_fit,
     fit_summary,
     summarise,
+    truth_as_sampled,
     vae_volume_bias_ml,
 )
 from hemexp.evaluation.validity.names import CALIBRATION, EFFECT
@@ -51,7 +52,7 @@ from hemexp.preprocess.pipeline import read_summary
 from hemexp.sampling.products import baseline_volumes
 from hemexp.sampling.sampler import DECODE_MODES, EncodedBaseline, SamplerSettings, load_bundle
 from hemexp.sampling.scenarios import UNPERTURBED, scenarios_from_config
-from hemexp.sampling.simulate import PatientInput, load_baseline
+from hemexp.sampling.simulate import PatientInput, load_baseline, load_grid_scan
 from hemexp.vae.data import step_slices_from_config
 
 log = get_logger(__name__)
@@ -100,6 +101,8 @@ class PatientRun:
     clinical: dict[str, float]
     flag: int
     vae_bias_ml: float
+    truth_iph_ml: dict[str, float]  # the true follow-up measured as a sample is (diagnostics.truth_as_sampled)
+    baseline_iph_ml: float
 
 
 def study_patient(cfg: Mapping[str, Any], bundle: Any, sampler_settings: Any, patient_id: str,
@@ -107,7 +110,8 @@ def study_patient(cfg: Mapping[str, Any], bundle: Any, sampler_settings: Any, pa
     """All validity rows of one test patient for one variant (see the module docstring)."""
     pdir = Layout.of(cfg).preprocessed(patient_id)
     pre = read_summary(patient_id, pdir)
-    baseline, affine = load_baseline(PatientInput(patient_id, pdir, pre["clinical"]))
+    patient = PatientInput(patient_id, pdir, pre["clinical"])
+    baseline, affine = load_baseline(patient)
     spacing = affine_spacing_mm(affine)
     bundle_sampler = BundleSampler(bundle, baseline, spacing, sampler_settings, cfg["sampling"]["z_margin_mm"],
                                    cfg["sampling"]["mask_threshold"], cfg["preprocess"]["hu_window"],
@@ -133,7 +137,10 @@ def study_patient(cfg: Mapping[str, Any], bundle: Any, sampler_settings: Any, pa
             frames.append(effect.assign(part=EFFECT, decode=mode, guidance_rule=rule))
     encoded = EncodedBaseline(zs=bundle_sampler.zs, cond=bundle_sampler.cond, centre=bundle_sampler.centre)
     bias = vae_volume_bias_ml(bundle_sampler.reference, float(cfg["sampling"]["mask_threshold"]), spacing)
-    return PatientRun(pd.concat(frames, ignore_index=True), encoded, dict(pre["clinical"]), int(pre["expansion"]), bias)
+    truth = truth_as_sampled(bundle_sampler, load_grid_scan(patient, FOLLOWUP_FILES, "follow-up")[0],
+                             cfg["preprocess"]["hu_window"])
+    return PatientRun(pd.concat(frames, ignore_index=True), encoded, dict(pre["clinical"]), int(pre["expansion"]),
+                      bias, truth, float(base_ml["iph"]))
 
 
 def run_validity_sampling(cfg: Mapping[str, Any], variant: str, patient_ids: Sequence[str],
@@ -148,7 +155,8 @@ def run_validity_sampling(cfg: Mapping[str, Any], variant: str, patient_ids: Seq
     runs = [study_patient(cfg, bundle, sampler_settings, pid, settings)
             for pid in tqdm(patient_ids, desc=f"validity {variant}", unit="patient")]
     table = pd.concat([r.rows for r in runs], ignore_index=True).assign(variant=variant)
-    diagnostics = [{"patient_id": pid, "vae_bias_ml": r.vae_bias_ml,
+    diagnostics = [{"patient_id": pid, "vae_bias_ml": r.vae_bias_ml, "true_flag": r.flag,
+                    "baseline_iph_ml": r.baseline_iph_ml, "truth_iph_ml": r.truth_iph_ml,
                     "sensitivity": conditioning_sensitivity(bundle, r.encoded, runs[(i + 1) % len(runs)].encoded,
                                                             r.clinical, r.flag, seed=i)}
                    for i, (pid, r) in enumerate(zip(patient_ids, runs, strict=True))]

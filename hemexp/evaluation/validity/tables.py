@@ -133,6 +133,23 @@ def adherence_table(volumes: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def truth_adherence_table(per_patient: Sequence[Mapping[str, Any]], boot: Bootstrap) -> pd.DataFrame:
+    """Share of test patients whose *true* follow-up expands by the paper's rule (vs the grid baseline),
+    per true flag and per way of measuring it (``truth_iph_ml`` of the study's diagnostics: the grid,
+    the sampled slices, each decode mode): the adherence a perfect model could reach on this grid,
+    slice range and VAE. Rows without the truth (diagnostics of an older run) give an empty table."""
+    rows = [p for p in per_patient if "truth_iph_ml" in p]
+    out = []
+    for measure in dict.fromkeys(k for p in rows for k in p["truth_iph_ml"]):
+        for flag in (1, 0):
+            vals = [float(is_expansion(p["baseline_iph_ml"], p["truth_iph_ml"][measure]))
+                    for p in rows if int(p["true_flag"]) == flag]
+            if vals:
+                out.append(_interval_row(f"P(true follow-up expands | true flag {flag})", boot([vals]),
+                                         measured_on=measure, true_flag=flag, n_patients=len(vals)))
+    return pd.DataFrame(out)
+
+
 def oracle_points(patient: Mapping[str, Any], law: Mapping[str, float], n: int, flag: int | None) -> dict[str, np.ndarray]:
     """The law's predictive follow-up volumes (grid mL) of one patient: IPH and total."""
     r = np.asarray(predictive_relative_growth(patient, law, n, flag))
