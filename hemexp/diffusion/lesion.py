@@ -41,7 +41,12 @@ def lesion_weight_map(iph_bl_cells: np.ndarray, weight: float) -> np.ndarray:
     """Per-cell loss weights ``[N, 1, h, w]`` (float32, mean 1 per slice): ``1 + weight`` on the cells
     :func:`near_baseline_hematoma`, 1 elsewhere, each slice then divided by its mean. ``weight = 0``
     gives uniform weights."""
+    return weights_from_near(near_baseline_hematoma(iph_bl_cells), weight)
+
+
+def weights_from_near(near: np.ndarray, weight: float) -> np.ndarray:
+    """:func:`lesion_weight_map` from an already computed :func:`near_baseline_hematoma` mask ``[N, h, w]``."""
     if weight < 0:
         raise ValueError(f"lesion_weight must be >= 0, got {weight}")
-    raw = 1.0 + float(weight) * near_baseline_hematoma(iph_bl_cells).astype(np.float32)
+    raw = 1.0 + float(weight) * np.asarray(near, dtype=np.float32)
     return (raw / raw.mean(axis=(1, 2), keepdims=True))[:, None].astype(np.float32)

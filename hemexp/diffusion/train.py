@@ -38,7 +38,7 @@ from hemexp.core.files import read_json, save_figure, write_json
 from hemexp.core.layout import Layout
 from hemexp.diffusion.ddim import ddim_sample
 from hemexp.diffusion.latents import PatientLatents, check_stats, denormalise, load_latents, normalise
-from hemexp.diffusion.lesion import lesion_weight_map, near_baseline_hematoma
+from hemexp.diffusion.lesion import near_baseline_hematoma, weights_from_near
 from hemexp.diffusion.model import (
     ConditionalLatentUNet,
     build_model,
@@ -76,9 +76,10 @@ class LatentPairs(Dataset):
     def __init__(self, patients: list[PatientLatents], stats: dict[str, Any], context: int, step_slices: int,
                  flips: bool = False, lesion_weight: float = 0.0):
         self.context, self.step, self.flips = int(context), int(step_slices), bool(flips)
-        self._weights = ([torch.from_numpy(lesion_weight_map(p.iph_bl_cells, lesion_weight)) for p in patients]
+        near = [near_baseline_hematoma(p.iph_bl_cells) for p in patients]
+        self._near = [torch.from_numpy(m) for m in near]
+        self._weights = ([torch.from_numpy(weights_from_near(m, lesion_weight)) for m in near]
                          if lesion_weight > 0 else None)
-        self._near = [torch.from_numpy(near_baseline_hematoma(p.iph_bl_cells)) for p in patients]
 
         def norm(arrays: list[np.ndarray]) -> list[torch.Tensor]:
             return [torch.from_numpy(normalise(a, stats).astype(np.float32)) for a in arrays]

@@ -20,8 +20,8 @@
 * **The truth, measured as a sample is.** The patient's true follow-up IPH volume on the model grid,
   on the sampled slices only (the baseline elsewhere, as a sample is reassembled), and encoded and
   decoded by the VAE in each decode mode. Whether each expands by the paper's rule bounds the
-  adherence a perfect model could show here: the grid, the sampled z-range and the VAE each lose
-  some growth before any diffusion model is involved.
+  adherence a perfect model could show here: the grid, the sampled z-range and the VAE can each
+  lose growth, or add it, before any diffusion model is involved.
 """
 
 from __future__ import annotations
@@ -144,10 +144,11 @@ def denoising_fit(model: Any, sched_cfg: dict[str, Any], dataset: LatentPairs, s
                 x0 = x0_eps_from_v(v.float(), x, sched.alphas_cumprod, tt)[0] * model.delta_scale
                 return (x0 - p["delta"]).pow(2)
 
-            true = error(part["flag"], False)  # an input the variant ignores changes nothing: reuse it
-            sums["true"] += float(true.sum())
-            sums["flag_flipped"] += float(error(1 - part["flag"], False).sum()) if model.uses_flag else float(true.sum())
-            sums["null_clinical"] += float(error(part["flag"], True).sum()) if model.uses_clinical else float(true.sum())
+            true = error(part["flag"], False)
+            true_sum = float(true.sum())  # an input the variant ignores changes nothing: reuse it
+            sums["true"] += true_sum
+            sums["flag_flipped"] += float(error(1 - part["flag"], False).sum()) if model.uses_flag else true_sum
+            sums["null_clinical"] += float(error(part["flag"], True).sum()) if model.uses_clinical else true_sum
             sums["no_change"] += float(delta.pow(2).sum())
             sums["true_near"] += float((true * part["near"]).sum())
             sums["no_change_near"] += float((delta.pow(2) * part["near"]).sum())

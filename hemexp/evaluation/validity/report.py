@@ -65,13 +65,18 @@ def diagnostics_table(layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def validity_bootstrap(cfg: Mapping[str, Any]) -> T.Bootstrap:
+    """The patient bootstrap every interval of the study is drawn with (``evaluation.validity``)."""
+    v = cfg["evaluation"]["validity"]
+    return T.Bootstrap(int(v["bootstrap"]), float(v["ci"]), int(v["seed"]))
+
+
 def truth_adherence(cfg: Mapping[str, Any], layout: Layout, studied: Sequence[str]) -> pd.DataFrame:
     """:func:`~hemexp.evaluation.validity.tables.truth_adherence_table` of the first studied variant's
     diagnostics: the truth through the grid and the VAE does not depend on the diffusion variant (one VAE
     per results folder; the sampled slices depend on the baseline only)."""
-    v = cfg["evaluation"]["validity"]
-    boot = T.Bootstrap(int(v["bootstrap"]), float(v["ci"]), int(v["seed"]))
-    return T.truth_adherence_table(read_json(layout.validity_diagnostics(studied[0]))["patients"], boot)
+    return T.truth_adherence_table(read_json(layout.validity_diagnostics(studied[0]))["patients"],
+                                   validity_bootstrap(cfg))
 
 
 def row_label(variant: str, decode: str) -> str:
@@ -83,7 +88,7 @@ def variant_tables(cfg: Mapping[str, Any], variant: str, label: str, volumes: pd
                    patients: pd.DataFrame, law: Mapping[str, float]) -> dict[str, pd.DataFrame]:
     """Every table of one ablation row (a studied variant under one decode mode), labelled ``label``."""
     v = cfg["evaluation"]["validity"]
-    boot = T.Bootstrap(int(v["bootstrap"]), float(v["ci"]), int(v["seed"]))
+    boot = validity_bootstrap(cfg)
     spec = configured_variants(cfg)[variant]
     single, profiles = scenarios_from_config(cfg["evaluation"])
     levels = [float(x) for x in cfg["evaluation"]["interval_levels"]]
