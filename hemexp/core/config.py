@@ -212,6 +212,10 @@ def _variant_rules(cfg: dict[str, Any]) -> list[str]:
     for name in (cfg["evaluation"].get("validity") or {}).get("variants") or []:
         if name not in known:
             problems.append(f"evaluation.validity.variants: {name!r} is not a diffusion variant (allowed: {sorted(known)})")
+    for name, spec in known.items():
+        if spec.get("flag_channel") and "e" not in spec["conditioning"]:
+            problems.append(f"diffusion.variants.{name}.flag_channel: conditioning {spec['conditioning']!r} has no "
+                            "expansion flag ('e') to feed as an input plane")
     return problems
 
 
@@ -414,6 +418,8 @@ class Variant:
     unit_delta: bool = False  # diffuse Δz divided by its training RMS (unit variance; model.delta_rms)
     scale_shift: bool = False  # condition by scale and shift after GroupNorm (AdaGN; diffusion.adagn)
     lesion_weight: float = 0.0  # extra loss weight near the baseline hematoma (training only; diffusion.lesion)
+    flag_channel: bool = False  # the flag also as a constant input plane of the U-Net (ice only)
+    max_steps: int | None = None  # this variant's training length (None: diffusion.max_steps)
 
     @property
     def uses_clinical(self) -> bool:
@@ -431,7 +437,9 @@ def variants(cfg: dict[str, Any]) -> dict[str, Variant]:
                       cross_attention=bool(spec.get("cross_attention", False)),
                       unit_delta=bool(spec.get("unit_delta", False)),
                       scale_shift=bool(spec.get("scale_shift", False)),
-                      lesion_weight=float(spec.get("lesion_weight", 0.0)))
+                      lesion_weight=float(spec.get("lesion_weight", 0.0)),
+                      flag_channel=bool(spec.get("flag_channel", False)),
+                      max_steps=int(spec["max_steps"]) if spec.get("max_steps") is not None else None)
         for name, spec in cfg["diffusion"]["variants"].items()
     }
 

@@ -70,12 +70,16 @@ class ConditionalLatentUNet(nn.Module):
             the noise schedule was designed for (see :func:`delta_rms`).
         scale_shift: apply the embedding as scale and shift after each residual block's second
             GroupNorm (AdaGN, :mod:`hemexp.diffusion.adagn`) instead of MONAI's additive bias.
+        flag_channel: also concatenate the flag as a constant input plane (+1 expansion, -1 none). The
+            embedding reaches the features only as one bias (or scale) per channel and block; the plane
+            lets the first convolution combine the flag with the baseline clot at each cell, i.e.
+            "grow *here* when asked to expand", which is where the flag's effect lives.
     """
 
     def __init__(self, latent_channels: int, context: int, conditioning: str, channels: list[int],
                  attention_levels: list[bool], num_res_blocks: int = 2, num_head_channels: int = 32,
                  norm_num_groups: int = 32, clinical_hidden: int = 64, cross_attention: bool = False,
-                 delta_scale: float = 1.0, scale_shift: bool = False):
+                 delta_scale: float = 1.0, scale_shift: bool = False, flag_channel: bool = False):
         super().__init__()
         if not delta_scale > 0:
             raise ValueError(f"delta_scale must be > 0, got {delta_scale}")
@@ -86,10 +90,13 @@ class ConditionalLatentUNet(nn.Module):
         self.uses_clinical = uses_clinical(conditioning)
         self.uses_flag = uses_flag(conditioning)
         self.cross_attention = bool(cross_attention) and self.uses_clinical
+        if flag_channel and not self.uses_flag:
+            raise ValueError(f"flag_channel needs a flag-conditioned variant, not conditioning {conditioning!r}")
+        self.flag_channel = bool(flag_channel)
         token_dim = int(channels[0]) * 2
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=latent_channels * (1 + context),
+            in_channels=latent_channels * (1 + context) + int(self.flag_channel),
             out_channels=latent_channels,
             channels=tuple(channels),
             attention_levels=tuple(attention_levels),
@@ -132,6 +139,9 @@ class ConditionalLatentUNet(nn.Module):
             flag = torch.zeros(batch, dtype=torch.long, device=x.device)
         if drop_clinical is None:
             drop_clinical = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        if self.flag_channel:  # the flag is not guided (clinical-only CFG), so the plane is never dropped
+            plane = (2.0 * flag.to(x.device, x.dtype) - 1.0).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+            x = torch.cat([x, plane], dim=1)
         labels = pack_condition(clinical.to(x.device), flag.to(x.device), drop_clinical.to(x.device))
         context = self.tokens(labels).to(x.dtype) if self.tokens is not None else None
         return self.unet(x, t, context=context, class_labels=labels)
@@ -139,7 +149,7 @@ class ConditionalLatentUNet(nn.Module):
 
 def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioning: str,
                  latent_channels: int, cross_attention: bool = False, delta_scale: float = 1.0,
-                 scale_shift: bool = False) -> dict[str, Any]:
+                 scale_shift: bool = False, flag_channel: bool = False) -> dict[str, Any]:
     """The constructor arguments of :class:`ConditionalLatentUNet` (saved with the weights)."""
     unet = diffusion_cfg["unet"]
     return {
@@ -155,6 +165,7 @@ def model_config(diffusion_cfg: dict[str, Any], variant_context: int, conditioni
         "cross_attention": bool(cross_attention),
         "delta_scale": float(delta_scale),
         "scale_shift": bool(scale_shift),
+        "flag_channel": bool(flag_channel),
     }
 
 

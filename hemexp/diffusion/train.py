@@ -290,7 +290,9 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     ``sample_grid.png`` and ``summary.json``; track everything in the variant's MLflow run."""
 
     spec = variants(cfg)[variant]
-    dcfg = cfg["diffusion"]
+    dcfg = dict(cfg["diffusion"])
+    if spec.max_steps is not None:  # a training-length row: its steps enter the fingerprint like any key
+        dcfg["max_steps"] = spec.max_steps
     run_dir = Layout.of(cfg).diffusion_dir(variant)
     lats, stats, train_ids = training_latents(cfg)
     step = step_slices_from_config(cfg)
@@ -299,13 +301,13 @@ def train_diffusion(cfg: dict[str, Any], variant: str, resume: bool | None = Non
     del lats  # the dataset holds normalised copies; free the raw cache (GBs at paper scale)
     scale = dataset.delta_rms() if spec.unit_delta else 1.0
     model_cfg = model_config(dcfg, spec.context, spec.conditioning, channels, spec.cross_attention, scale,
-                             spec.scale_shift)
+                             spec.scale_shift, spec.flag_channel)
     sched_cfg = scheduler_config(dcfg)
     info = {"name": variant, "context": spec.context, "conditioning": spec.conditioning,
             "latent_channels": channels, "step_slices": step, "context_step_mm": cfg["shards"]["context_step_mm"],
             "clinical_names": list(CLINICAL_NAMES), "cross_attention": spec.cross_attention,
             "unit_delta": spec.unit_delta, "delta_scale": scale, "scale_shift": spec.scale_shift,
-            "lesion_weight": spec.lesion_weight}
+            "lesion_weight": spec.lesion_weight, "flag_channel": spec.flag_channel}
     fingerprint = common.training_fingerprint(fingerprint_cfg(dcfg), info, cfg["seed"], stats["mean"],
                                               stats["std"], train_ids)
     rank0 = common.global_rank() == 0

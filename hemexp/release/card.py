@@ -111,7 +111,7 @@ def _details(cfg: dict[str, Any], variant: str, meta: Mapping[str, Any]) -> str:
         f"- **VAE:** channels {vae['channels']}, {vae['latent_channels']} latent channels, {vae['max_steps']} steps",
         f"- **Diffusion:** U-Net channels {unet['channels']}, {cfg['diffusion']['timesteps']} timesteps "
         f"({cfg['diffusion']['beta_schedule']}), {cfg['diffusion']['prediction']}, min-SNR "
-        f"{cfg['diffusion']['min_snr_gamma']}, {cfg['diffusion']['max_steps']} steps, EMA {cfg['diffusion']['ema_decay']}",
+        f"{cfg['diffusion']['min_snr_gamma']}, {v.get('max_steps') or cfg['diffusion']['max_steps']} steps, EMA {cfg['diffusion']['ema_decay']}",
         f"- **Model grid:** {cfg['preprocess']['crop']} in-plane at {cfg['preprocess']['spacing_mm']} mm; "
         f"HU window {cfg['preprocess']['hu_window']}",
         f"- **Sampling defaults:** {cfg['sampling']['n_samples']} samples, {cfg['sampling']['ddim_steps']} {cfg['sampling']['solver']} steps, "
