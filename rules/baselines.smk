@@ -14,7 +14,7 @@
 import re
 
 from hemexp.core.config import config_hash
-from hemexp.baselines.nnunet.dataset import IMAGE_FILES, LABEL_FILES, active_baselines, heldout_image_paths
+from hemexp.baselines.nnunet.dataset import active_baselines, heldout_image_paths
 from hemexp.baselines.nnunet.dataset import layout as nnunet_layout
 from hemexp.baselines.nnunet.run import set_hemexp_python
 
@@ -31,7 +31,7 @@ if NNUNET_BASELINES and TEST:
     rule nnunet_export:
         """The training split as nnU-Net raw dataset: imagesTr, labelsTr (follow-up labels), dataset.json."""
         input:
-            [f for p in TRAIN for f in preprocessed(p, [f"{f}.nii.gz" for f in IMAGE_FILES + LABEL_FILES])],
+            [preprocessed_dir(p) for p in TRAIN],
         output:
             images=directory(str(NNUNET.raw_dataset / "imagesTr")),
             labels=directory(str(NNUNET.raw_dataset / "labelsTr")),
@@ -54,7 +54,7 @@ if NNUNET_BASELINES and TEST:
         """One test patient's baseline CT/IPH/IVH as imagesTs/<p>_0000..0002 (per patient: adding a test
         patient re-plans nothing)."""
         input:
-            preprocessed("{patient}", [f"{f}.nii.gz" for f in IMAGE_FILES]),
+            preprocessed_dir("{patient}"),
         output:
             [str(p) for p in heldout_image_paths(config, "{patient}")],
         log:
@@ -142,7 +142,7 @@ if NNUNET_BASELINES and TEST:
         """One test patient's nnU-Net label map as iph/ivh masks (uint8, model grid) for evaluation."""
         input:
             prediction=lambda w: str(NNUNET.prediction(NNUNET_BASELINES[w.baseline], w.patient)),
-            reference=preprocessed("{patient}", ["bl_ct.nii.gz"])[0],
+            reference=preprocessed_dir("{patient}"),
         output:
             iph=str(L.baseline_masks("{baseline}", "{patient}") / "iph.nii.gz"),
             ivh=str(L.baseline_masks("{baseline}", "{patient}") / "ivh.nii.gz"),

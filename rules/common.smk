@@ -8,10 +8,10 @@ import re
 from hemexp.cohort.patients import PATIENT_ID_PATTERN, workflow_patients
 from hemexp.core.commands import exit_on_usage_error
 from hemexp.core.config import config_hash, sampled_variants, variants
-from hemexp.core.layout import PREPROCESSED_FILES, Layout, manifest_path, map_files, sample_files
+from hemexp.core.layout import Layout, manifest_path
 from hemexp.sampling.flags import flag_source_passes
 from hemexp.workflow.resolved_config import write_resolved_config
-from hemexp.workflow.index import training_files
+from hemexp.workflow.index import training_inputs
 from hemexp.workflow.resources import rule_resources
 
 L = Layout.of(config)
@@ -40,17 +40,26 @@ CLASSIFIER = str(L.classifier)
 OOD_ENVELOPE = str(L.ood_envelope)
 USES_CLASSIFIER = str(config["sampling"]["flag_source"]) == "classifier"
 N_SAMPLES = int(config["sampling"]["n_samples"])
-SAMPLE_FILES = sample_files(N_SAMPLES)
-MAP_FILES = map_files("maps")
-NATIVE_FILES = map_files("native")
 # Extra expansion-flag passes (evaluation.flag_source_passes): source -> variants, sampled by rule
 # sample_flag_source under samples_<source>/ and scored by rule evaluate as their own Table 2 rows.
 FLAG_PASSES = flag_source_passes(config)
 
 
-def preprocessed(patient, files=PREPROCESSED_FILES):
-    """Paths of one patient's preprocessed products (a wildcard or an ID)."""
-    return [str(L.preprocessed(patient) / f) for f in files]
+# Folder outputs. ingest and preprocess write one patient's folder at once (a temporary folder, then one
+# rename: hemexp.core.files.atomic_dir), so the folder is their output (`directory()`) and what later jobs
+# declare, not the 9 and 14 files inside; a sample job's N x 3 sample NIfTIs are one folder too. Each
+# declared file costs Snakemake work in every job that names it: with the file lists, a 10,000-patient
+# DAG took 3.4x the CPU of the toy anchor's (docs/orchestration.md, Scale). As with any directory()
+# output, a file deleted by hand inside such a folder is not noticed; the reading command then fails
+# on it, naming it (`--forcerun` the producer).
+def ingested_dir(patient):
+    """One patient's ingested/ folder (rule ingest's output; a wildcard or an ID)."""
+    return str(L.ingested(patient))
+
+
+def preprocessed_dir(patient):
+    """One patient's preprocessed/ folder (rule preprocess's output; a wildcard or an ID)."""
+    return str(L.preprocessed(patient))
 
 
 def one_of(names):

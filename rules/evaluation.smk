@@ -2,14 +2,12 @@
 # calibration + PIT of every sampled variant, and the clinical-guidance study (Fig. 3) of one variant.
 # Extra flag-source passes (evaluation.flag_source_passes, e.g. the classifier flag for 2D-ice) sample
 # the flag-conditioned variants again under results/samples_<source>/; each is one Table 2 row.
-from hemexp.core.layout import BASELINE_FILES, FOLLOWUP_FILES, REFERENCE_MASKS, sample_files
 from hemexp.baselines.nnunet.dataset import baseline_methods
 from hemexp.evaluation.validity.names import PRODUCTS as VALIDITY_TABLES
 from hemexp.evaluation.validity.names import studied_variants
 
 EVAL_CAT = "5. Evaluation"
 GUIDANCE_CAT = "6. Clinical guidance"
-EVAL_MASKS = sample_files(N_SAMPLES, ("iph", "ivh"))
 PASS_DIRS = [L.samples_root() / v for v in SAMPLED] + [
     L.samples_root(s) / v for s, vs in FLAG_PASSES.items() for v in vs
 ]
@@ -29,9 +27,9 @@ if TEST:
                 str(d / p / f)
                 for d in PASS_DIRS
                 for p in TEST
-                for f in ("volumes.tsv", "summary.json", *EVAL_MASKS)
+                for f in ("volumes.tsv", "summary.json", "samples")
             ],
-            preprocessed=[f for p in TEST for f in preprocessed(p, ("summary.json", *REFERENCE_MASKS))],
+            preprocessed=[preprocessed_dir(p) for p in TEST],
             baselines=[
                 str(L.baseline_masks(b, p) / f"{s}.nii.gz")
                 for b in EVAL_NNUNET
@@ -105,7 +103,7 @@ if PERTURB_VARIANT and TEST:
         guidance-scale sweep, batched per patient and scale; learned vs true effects on the synthetic cohort.
         """
         input:
-            preprocessed=[f for p in TEST for f in preprocessed(p, ("summary.json", *BASELINE_FILES))],
+            preprocessed=[preprocessed_dir(p) for p in TEST],
             model=DIFFUSION_MODEL.format(variant=PERTURB_VARIANT),
             vae=VAE_MODEL,
             stats=LATENT_STATS,
@@ -171,9 +169,7 @@ if TEST and config["cohort"]["source"] == "synthetic":
         """Validity samples of one variant for every test patient: calibration/adherence sets under flag
         1 and flag 0, and the clinical scenarios and guidance profiles under the true flag."""
         input:
-            preprocessed=[
-                f for p in TEST for f in preprocessed(p, ("summary.json", *BASELINE_FILES, *FOLLOWUP_FILES))
-            ],
+            preprocessed=[preprocessed_dir(p) for p in TEST],
             # the follow-up: the truth measured as a sample is (diagnostics)
             latents=[str(L.latents(p)) for p in TRAIN + TEST],  # the denoising-fit diagnostic
             model=DIFFUSION_MODEL,
@@ -206,7 +202,7 @@ if TEST and config["cohort"]["source"] == "synthetic":
             samples=[str(L.validity_volumes(v)) for v in VALIDITY_VARIANTS],
             diagnostics=[str(L.validity_diagnostics(v)) for v in VALIDITY_VARIANTS],
             truth=str(L.truth),
-            preprocessed=[f for p in TEST for f in preprocessed(p, ("summary.json", *REFERENCE_MASKS))],
+            preprocessed=[preprocessed_dir(p) for p in TEST],
         output:
             tables=[str(L.validity_product(f"{t}.csv")) for t in VALIDITY_TABLES],
             md=str(L.validity_product("study.md")),

@@ -3,7 +3,6 @@
 # manifest of a manifest cohort), so adding a patient runs only that patient's jobs. Manifest values
 # the commands read (split, site, clinical, expansion) enter as a per-patient row hash in `params`,
 # so editing one row reruns only that patient.
-from hemexp.core.layout import INGEST_FILES
 from hemexp.cohort.manifest import manifest_row_hashes
 from hemexp.preprocess.template import template_info_path, template_paths, template_patients
 
@@ -27,7 +26,7 @@ rule ingest:
     input:
         lambda w: RAW_INPUTS[w.patient],
     output:
-        [str(L.ingested("{patient}") / f) for f in INGEST_FILES],
+        directory(ingested_dir("{patient}")),
     log:
         str(L.log("ingest", "{patient}")),
     benchmark:
@@ -86,10 +85,10 @@ rule preprocess:
     """Register (baseline rigid to template, follow-up rigid+affine to baseline), resample/crop to the
     model grid, QC figure and summary.json for one patient."""
     input:
-        [str(L.ingested("{patient}") / f) for f in INGEST_FILES],
+        ingested_dir("{patient}"),
         TEMPLATE_INPUTS,
     output:
-        preprocessed("{patient}"),
+        directory(preprocessed_dir("{patient}")),
     log:
         str(L.log("preprocess", "{patient}")),
     benchmark:
@@ -112,7 +111,7 @@ rule preprocess:
 rule shard:
     """Axial slices with IPH (+ context rows) of one preprocessed patient -> Parquet shard."""
     input:
-        preprocessed("{patient}"),
+        preprocessed_dir("{patient}"),
     output:
         str(L.shard("{patient}")),
     log:
@@ -126,13 +125,11 @@ rule shard:
     resources:
         **R("shard"),
     params:
-        cfg=cfg_hash("shards"),
-        row=lambda w: ROW_HASH.get(w.patient, ""),
+        cfg=cfg_hash("shards"),  # an edited manifest row reruns preprocess, whose new folder reruns this
         config=RESOLVED_CONFIG,
     shell:
         "hemexp shard {wildcards.patient} --config {params.config} > {log} 2>&1"
 
 
 SHARDS = [str(L.shard(p)) for p in sorted(PATIENTS)]
-SUMMARIES = [str(L.preprocessed(p) / "summary.json") for p in sorted(PATIENTS)]
-FINAL_TARGETS += SHARDS + SUMMARIES
+FINAL_TARGETS += SHARDS + [preprocessed_dir(p) for p in sorted(PATIENTS)]

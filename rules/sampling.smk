@@ -72,7 +72,7 @@ rule eval_classifier:
     """Held-out performance of the built-in HE classifier (AUC, sensitivity, specificity) + predictions."""
     input:
         model=CLASSIFIER,
-        summaries=[str(L.preprocessed(p) / "summary.json") for p in TRAIN + TEST],
+        summaries=[preprocessed_dir(p) for p in TRAIN + TEST],
     output:
         metrics=str(L.metric("classifier.json")),
         predictions=str(L.metric("classifier_predictions.tsv")),
@@ -95,8 +95,8 @@ rule sample:
     """N follow-ups of one test patient (DDIM + guidance, batched): NIfTI samples and probability maps on
     the model grid and in native space, volumes.tsv, summary.json, figure.png."""
     input:
-        preprocessed=preprocessed("{patient}"),
-        ingested=[str(L.native_baseline_ct("{patient}")), str(L.ingest_facts("{patient}"))],  # dicom/ outputs
+        preprocessed=preprocessed_dir("{patient}"),
+        ingested=ingested_dir("{patient}"),  # the native grid and source format (dicom/ outputs)
         model=DIFFUSION_MODEL,
         vae=VAE_MODEL,
         stats=LATENT_STATS,
@@ -111,9 +111,9 @@ rule sample:
             subcategory="{variant}",
             labels={"variant": "{variant}", "patient": "{patient}"},
         ),
-        maps=[f"{SAMPLE_DIR}/{f}" for f in MAP_FILES],
-        native=[f"{SAMPLE_DIR}/{f}" for f in NATIVE_FILES],
-        samples=[f"{SAMPLE_DIR}/{f}" for f in SAMPLE_FILES],
+        maps=directory(f"{SAMPLE_DIR}/maps"),  # {iph,ivh,new}_prob.nii.gz on the model grid
+        native=directory(f"{SAMPLE_DIR}/native"),  # the same on the baseline scan
+        samples=directory(f"{SAMPLE_DIR}/samples"),  # N x 3 NIfTIs, declared as one folder
     log:
         str(L.log("sample", "{variant}", "{patient}")),
     benchmark:
@@ -138,8 +138,8 @@ if FLAG_PASSES:
         """Sample a flag-conditioned variant again with another expansion-flag source (Table 2 row,
         adherence), same settings and products as rule sample."""
         input:
-            preprocessed=preprocessed("{patient}"),
-            ingested=[str(L.native_baseline_ct("{patient}")), str(L.ingest_facts("{patient}"))],  # dicom/ outputs
+            preprocessed=preprocessed_dir("{patient}"),
+            ingested=ingested_dir("{patient}"),
             model=DIFFUSION_MODEL,
             vae=VAE_MODEL,
             stats=LATENT_STATS,
@@ -155,9 +155,9 @@ if FLAG_PASSES:
                 caption="../report/samples.rst",
                 labels={"variant": "{variant}", "flag": "{source}", "patient": "{patient}"},
             ),
-            maps=[f"{FLAG_PASS_DIR}/{f}" for f in MAP_FILES],
-            native=[f"{FLAG_PASS_DIR}/{f}" for f in NATIVE_FILES],
-            samples=[f"{FLAG_PASS_DIR}/{f}" for f in SAMPLE_FILES],
+            maps=directory(f"{FLAG_PASS_DIR}/maps"),
+            native=directory(f"{FLAG_PASS_DIR}/native"),
+            samples=directory(f"{FLAG_PASS_DIR}/samples"),
         log:
             str(L.log("sample_{source}", "{variant}", "{patient}")),
         benchmark:
@@ -183,7 +183,7 @@ FINAL_TARGETS += [
     str(L.samples(v, p) / f)
     for v in SAMPLED
     for p in TEST
-    for f in ("summary.json", "volumes.tsv", "figure.png")
+    for f in ("summary.json",)  # one output stands for its job (the others are its outputs too)
 ]
 FINAL_TARGETS += [CLASSIFIER, rules.eval_classifier.output.metrics, OOD_ENVELOPE]
 if not CLASSIFIER_FROZEN:

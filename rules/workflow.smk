@@ -4,7 +4,7 @@
 rule gather_index:
     """One family's files of every training patient, listed in one index file."""
     input:
-        lambda wildcards: training_files(L, wildcards.family, TRAIN),
+        lambda wildcards: training_inputs(L, wildcards.family, TRAIN),
     output:
         str(L.index("{family}")),
     log:

@@ -26,6 +26,20 @@ def training_files(layout: Layout, family: str, train_ids: list[str]) -> list[st
     return [str(layout.indexed_file(family, pid)) for pid in sorted(train_ids)]
 
 
+# Families whose files lie in a folder that its rule outputs as a whole (`directory()`: rules ingest and
+# preprocess), so the workflow can only depend on the folder, not on the file inside it.
+FOLDER_FAMILIES = {"summaries": Layout.preprocessed, "native": Layout.ingested}
+
+
+def training_inputs(layout: Layout, family: str, train_ids: list[str]) -> list[str]:
+    """What rule gather_index declares for the family, sorted by patient: each training patient's
+    file, or for a folder family the folder its producing rule outputs."""
+    folder = FOLDER_FAMILIES.get(family)
+    if folder is None:
+        return training_files(layout, family, train_ids)
+    return [str(folder(layout, pid)) for pid in sorted(train_ids)]
+
+
 def write_index(cfg: dict[str, Any], family: str) -> tuple[str, int]:
     """Write ``index/train_<family>.txt`` atomically; every listed file must exist (its patient and
     path are named otherwise). Returns (path, number of files)."""
