@@ -11,10 +11,11 @@ NNUNET_VENV := .venv-nnunet
 
 # The ground-truth validity study (README "Validity study"); other overlays: VALIDITY_CONFIG="...".
 VALIDITY_CONFIG ?= config/validity.yaml
-# encode and train_diffusion ask for 4 and 8 threads (cluster sizes) but are mostly single-threaded at the
-# study's size: on 2 cores each ran alone; one thread each runs two at a time (50 encodes in 4 min, was
-# about 24 in 5). VALIDITY_THREADS= gives the rules their configured threads back.
-VALIDITY_THREADS ?= --set-threads encode=1 train_diffusion=1
+# encode and train_diffusion ask for 4 and 8 threads (cluster sizes) but are mostly single-threaded at
+# these sizes: on 2 cores each ran alone; one thread each runs two at a time (50 encodes in 4 min, was
+# about 24 in 5). LOCAL_THREADS= gives the rules their configured threads back (a bigger machine).
+LOCAL_THREADS ?= --set-threads encode=1 train_diffusion=1
+VALIDITY_THREADS ?= $(LOCAL_THREADS)
 
 .PHONY: setup run test lint clean nnunet-env validity
 
@@ -30,7 +31,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) $(LOCAL_THREADS) $(SNAKEMAKE_ARGS)
 
 validity: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake validity --cores $(CORES) $(VALIDITY_THREADS) $(SNAKEMAKE_ARGS) \

@@ -21,6 +21,7 @@ if not VAE_FROZEN:
             str(L.benchmark("train_vae", L.log("train_vae")))
         conda:
             HEMEXP_ENV
+        threads: R("train_vae")["cpus_per_task"]  # capped by --cores; OMP_NUM_THREADS for torch (else 1)
         resources:
             **R("train_vae"),
         params:
