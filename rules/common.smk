@@ -39,7 +39,6 @@ DIFFUSION_MODEL = str(L.diffusion_model("{variant}"))  # format with variant=...
 CLASSIFIER = str(L.classifier)
 OOD_ENVELOPE = str(L.ood_envelope)
 USES_CLASSIFIER = str(config["sampling"]["flag_source"]) == "classifier"
-N_SAMPLES = int(config["sampling"]["n_samples"])
 # Extra expansion-flag passes (evaluation.flag_source_passes): source -> variants, sampled by rule
 # sample_flag_source under samples_<source>/ and scored by rule evaluate as their own Table 2 rows.
 FLAG_PASSES = flag_source_passes(config)

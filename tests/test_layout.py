@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hemexp.core.layout import Layout, map_files, sample_files
+from hemexp.core.layout import MAP_KINDS, SAMPLE_MASK, Layout
 from hemexp.workflow import resources
 from hemexp.workflow.resources import DEPRECATED_KEYS, INHERITS, rule_resources
 
@@ -47,8 +47,10 @@ def test_layout_keeps_the_historic_paths():
 def test_wildcards_pass_through_the_layout():
     L = Layout(Path("results"))
     assert str(L.samples("{variant}", "{patient}", flag_source="{source}")) == "results/samples_{source}/{variant}/{patient}"
-    assert sample_files(2, ("iph",)) == ["samples/sample_00_iph.nii.gz", "samples/sample_01_iph.nii.gz"]
-    assert map_files("native") == ["native/iph_prob.nii.gz", "native/ivh_prob.nii.gz", "native/new_prob.nii.gz"]
+    assert [SAMPLE_MASK.format(k=k, structure="iph") for k in range(2)] == ["samples/sample_00_iph.nii.gz",
+                                                                            "samples/sample_01_iph.nii.gz"]
+    assert [f"native/{kind}_prob.nii.gz" for kind in MAP_KINDS] == ["native/iph_prob.nii.gz", "native/ivh_prob.nii.gz",
+                                                                   "native/new_prob.nii.gz"]
 
 
 @pytest.mark.parametrize("rule_file", RULE_FILES, ids=lambda p: p.name)

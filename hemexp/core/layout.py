@@ -16,14 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# File names inside per-patient folders (the contract between a stage and the next one's rule).
-INGEST_FILES = ("bl_ct.nii.gz", "fu_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_iph.nii.gz",
-                "fu_ivh.nii.gz", "brain_bl.nii.gz", "brain_fu.nii.gz", "ingest.json")
-PREPROCESSED_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_ct.nii.gz", "fu_iph.nii.gz",
-                      "fu_ivh.nii.gz", "brain_bl.nii.gz", "brain_fu.nii.gz", "transforms/bl_to_template.mat",
-                      "transforms/fu_to_bl.mat", "transforms/model_grid.json", "transforms/native_grid.json",
-                      "qc.png", "summary.json")
-REFERENCE_MASKS = ("bl_iph.nii.gz", "bl_ivh.nii.gz", "fu_iph.nii.gz", "fu_ivh.nii.gz")
+# File names inside per-patient folders, shared by the stage that writes them and the ones that read them
+# (the rules declare the folders: rules/common.smk, "Folder outputs").
 BASELINE_FILES = ("bl_ct.nii.gz", "bl_iph.nii.gz", "bl_ivh.nii.gz")
 FOLLOWUP_FILES = ("fu_ct.nii.gz", "fu_iph.nii.gz", "fu_ivh.nii.gz")
 MAP_KINDS = ("iph", "ivh", "new")
@@ -36,16 +30,6 @@ DICOM_CT_DIR = "ct"  # CT{k:04d}.dcm, one file per slice
 DICOM_SEG_BINARY = "seg_median.dcm"
 DICOM_SEG_FRACTIONAL = "seg_probability.dcm"
 DICOM_SIDECAR = "dicom.json"
-
-
-def sample_files(n_samples: int, structures: tuple[str, ...] = SAMPLE_STRUCTURES) -> list[str]:
-    """Per-sample NIfTI files of one sample folder, relative to it, in sample order."""
-    return [SAMPLE_MASK.format(k=k, structure=s) for k in range(n_samples) for s in structures]
-
-
-def map_files(space: str = "maps") -> list[str]:
-    """Probability maps of one sample folder: ``maps/`` (model grid) or ``native/`` (baseline scan)."""
-    return [f"{space}/{kind}_prob.nii.gz" for kind in MAP_KINDS]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from hemexp.baselines.nnunet.dataset import baseline_methods
 from hemexp.core.clinical import mask_volume_ml
 from hemexp.core.config import sampled_variants, variants
 from hemexp.core.errors import PatientInputError
-from hemexp.core.layout import Layout
+from hemexp.core.layout import SAMPLE_MASK, Layout
 from hemexp.core.runtime import get_logger
 from hemexp.evaluation.table2 import (
     copy_baseline_row,
@@ -26,9 +26,6 @@ from hemexp.preprocess.pipeline import read_summary
 from hemexp.sampling.flags import flag_source_passes
 
 log = get_logger(__name__)
-
-SAMPLE_MASK = "samples/sample_{k:02d}_{structure}.nii.gz"
-
 
 VOLUME_COLUMNS = ("sample", "flag", "flag_source", "iph_ml", "ivh_ml", "total_ml", "baseline_iph_ml")
 

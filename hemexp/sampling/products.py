@@ -34,14 +34,13 @@ import pandas as pd
 
 from hemexp.core.clinical import is_expansion, mask_volume_ml
 from hemexp.core.files import atomic_path
-from hemexp.core.layout import DICOM_DIR
+from hemexp.core.layout import DICOM_DIR, MAP_KINDS, SAMPLE_MASK, SAMPLE_STRUCTURES
 from hemexp.io.nifti import make_image, read_volume, save_nifti
 from hemexp.io.shards import volume_from_slices
 from hemexp.preprocess.register import to_native
 from hemexp.sampling.flags import FlagPlan
 from hemexp.sampling.intervals import empirical_interval
 
-MAP_KINDS = ("iph", "ivh", "new")
 INTERVAL_LEVEL = 0.8
 VOLUME_COLUMNS = ("patient_id", "variant", "sample", "flag", "flag_source", "guidance_scale", "iph_ml", "ivh_ml",
                   "total_ml", "new_ml", "expansion", "baseline_iph_ml", "baseline_total_ml")
@@ -173,8 +172,8 @@ def write_products(out: Path, vols: dict[str, np.ndarray], maps: dict[str, np.nd
     files: dict[str, list[str]] = {"samples": [], "maps": [], "native": []}
     n = len(table)
     for k in range(n):
-        for key in ("ct", "iph", "ivh"):
-            name = f"samples/sample_{k:02d}_{key}.nii.gz"
+        for key in SAMPLE_STRUCTURES:
+            name = SAMPLE_MASK.format(k=k, structure=key)
             write_nifti(vols[key][k], affine, out / name)
             files["samples"].append(name)
     for key, data in maps.items():
@@ -182,7 +181,7 @@ def write_products(out: Path, vols: dict[str, np.ndarray], maps: dict[str, np.nd
         files["maps"].append(f"maps/{key}.nii.gz")
     if patient_dir is not None:
         for k in range(n):
-            for key in ("ct", "iph", "ivh"):
+            for key in SAMPLE_STRUCTURES:
                 name = f"native/sample_{k:02d}_{key}.nii.gz"
                 write_native(vols[key][k], affine, patient_dir, out / name, "linear" if key == "ct" else "label")
                 files["native"].append(name)
